@@ -83,7 +83,7 @@ class Options:
                 type=_argparse_type(flag, convert),
                 metavar=metavar,
                 action="append" if kind == "list" else "store",
-                help=text + (" (repeatable; comma-separated in env/file)" if kind == "list" else ""),
+                help=text + ("; repeatable, comma-separated in env/file" if kind == "list" else ""),
             )
         self._specs.append(_Spec(flag, dest, default, convert, kind))
 
@@ -202,11 +202,19 @@ def positive_float(text: str) -> float:
 
 def byte_size(text: str) -> int:
     """A byte count with an optional ``KB``/``MB``/``GB`` (binary) suffix, e.g. ``32MB``."""
-    units = {"": 1, "B": 1, "KB": 1 << 10, "K": 1 << 10, "MB": 1 << 20, "M": 1 << 20,
-             "GB": 1 << 30, "G": 1 << 30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 1 << 10,
+        "K": 1 << 10,
+        "MB": 1 << 20,
+        "M": 1 << 20,
+        "GB": 1 << 30,
+        "G": 1 << 30,
+    }
     stripped = text.strip().upper()
     digits = stripped.rstrip("KMGB")
-    unit = stripped[len(digits):]
+    unit = stripped[len(digits) :]
     if not digits.isdigit() or unit not in units:
         raise ValueError(f"expected a byte size such as 32MB, got {text!r}")
     value = int(digits) * units[unit]

@@ -50,8 +50,11 @@ def check() -> int:
         fresh = Path(tmp)
         generate(fresh)
         expected, actual = generated_files(fresh), generated_files(ROOT)
-        stale = [str(p) for p in expected if not (ROOT / p).exists()
-                 or not filecmp.cmp(fresh / p, ROOT / p, shallow=False)]
+        stale = [
+            str(p)
+            for p in expected
+            if not (ROOT / p).exists() or not filecmp.cmp(fresh / p, ROOT / p, shallow=False)
+        ]
         stale += [str(p) for p in actual if p not in expected]
     if stale:
         print("generated protobuf code is stale; run `make proto`:", *stale, sep="\n  ")

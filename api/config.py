@@ -1,0 +1,272 @@
+"""The API's settings: one frozen object built and validated once at startup."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from PIL import Image
+
+from processor import options as opt
+from processor.config import default_workers
+
+FITS = ("pad", "fill", "fit", "stretch")
+FORMATS = ("jpeg", "png", "webp")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def color(text: str) -> int:
+    """``#RRGGBB`` (or ``RRGGBB``) as an integer."""
+    digits = text.strip().lstrip("#")
+    if len(digits) != 6:
+        raise ValueError(f"expected a colour such as #000000, got {text!r}")
+    return int(digits, 16)
+
+
+def margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ValueError(f"must be a fraction between 0 and 1 (e.g. 0.05), got {text}")
+    return value
+
+
+def cidr(text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"expected a CIDR range such as 10.0.0.0/8, got {text!r}") from exc
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: str = "0.0.0.0:50051"
+    processor: str = "127.0.0.1:50052"
+    processor_ca: str | None = None
+    processor_cert: str | None = None
+    processor_key: str | None = None
+    processor_server_name: str | None = None
+    processor_insecure: bool = False
+    target_size: tuple[int, int] = (1024, 768)
+    grayscale: bool = True
+    margin: float = 0.05
+    fit: str = "pad"
+    pad_color: int = 0x000000
+    format: str = "jpeg"
+    quality: int = 85
+    max_input_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    fetch_timeout: float = 20.0
+    fetch_connect_timeout: float = 3.0
+    fetch_max_redirects: int = 3
+    allow_source_cidr: tuple[Network, ...] = ()
+    deadline: float = 30.0
+    max_deadline: float = 120.0
+    auth: str = "jwt"
+    jwks: str | None = None
+    issuer: str = "imagescaler-admin"
+    audience: str = "imagescaler"
+    tenants: str | None = None
+    token_leeway: float = 30.0
+    max_token_lifetime: float = 86400.0
+    revocations: str = "memory://"
+    ratelimit_storage: str = "memory://"
+    result_store: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int = 5001
+    workers: int = 16
+    max_concurrent_rpcs: int = 256
+    grace: float = 25.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS}")
+        client_tls = (self.processor_ca, self.processor_cert, self.processor_key)
+        if self.processor_insecure and any(client_tls):
+            raise ValueError(
+                "--processor-insecure: cannot be combined with --processor-ca/cert/key"
+            )
+        if not self.processor_insecure and not all(client_tls):
+            raise ValueError(
+                "--processor-ca, --processor-cert and --processor-key are required for mutual "
+                "TLS to the processor (or --processor-insecure for development)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.auth == "jwt" and not (self.jwks and self.tenants):
+            raise ValueError("--jwks and --tenants are required with --auth jwt")
+        if self.deadline > self.max_deadline:
+            raise ValueError("--deadline: must not exceed --max-deadline")
+
+    def public(self) -> dict[str, object]:
+        """The effective configuration for the startup log (file paths, never contents)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["allow_source_cidr"] = [str(n) for n in self.allow_source_cidr]
+        values["pad_color"] = f"#{self.pad_color:06x}"
+        for key in ("ratelimit_storage", "revocations", "result_store"):
+            values[key] = _redact(values[key])
+        return values
+
+
+def _redact(uri: object) -> object:
+    """Drop a password from ``redis://user:secret@host``."""
+    if not isinstance(uri, str) or "@" not in uri:
+        return uri
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def build_options() -> opt.Options:
+    o = opt.Options("imagescaler-api", "The imagescaler public gRPC API.")
+    add = o.add
+    add(
+        "listen",
+        "0.0.0.0:50051",
+        "address to serve the public gRPC API on",
+        opt.host_port,
+        "HOST:PORT",
+    )
+    add(
+        "processor",
+        "127.0.0.1:50052",
+        "processor gRPC target, e.g. dns:///processor:50052",
+        metavar="TARGET",
+    )
+    add(
+        "processor-ca", None, "CA that signs the processor's certificate", opt.existing_file, "FILE"
+    )
+    add(
+        "processor-cert",
+        None,
+        "client certificate presented to the processor",
+        opt.existing_file,
+        "FILE",
+    )
+    add("processor-key", None, "client private key", opt.existing_file, "FILE")
+    add(
+        "processor-server-name",
+        None,
+        "name expected in the processor's certificate",
+        metavar="NAME",
+    )
+    add("processor-insecure", False, "plaintext to the processor, for development", kind="bool")
+    add("target-size", (1024, 768), "output size", opt.size, "WxH")
+    add("grayscale", True, "convert to grayscale", kind="bool")
+    add(
+        "margin",
+        0.05,
+        "images within this fraction of the target on both sides are not rescaled",
+        margin,
+        "FRACTION",
+    )
+    add(
+        "fit",
+        "pad",
+        "how to fit the target: pad (letterbox, nothing lost), fill (centre "
+        "crop), fit (inside the box), stretch",
+        opt.choice(*FITS),
+        "MODE",
+    )
+    add("pad-color", 0, "letterbox colour for --fit pad", color, "#RRGGBB")
+    add("format", "jpeg", "output format: jpeg, png or webp", opt.choice(*FORMATS), "FORMAT")
+    add("quality", 85, "JPEG/WebP quality 1-100", opt.quality, "Q")
+    add(
+        "max-input-bytes",
+        32 * 1024 * 1024,
+        "largest accepted image, inline or fetched",
+        opt.byte_size,
+        "BYTES",
+    )
+    add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
+    add("fetch-timeout", 20.0, "total seconds for fetching a URL source", opt.positive_float, "S")
+    add("fetch-connect-timeout", 3.0, "seconds to connect to a URL source", opt.positive_float, "S")
+    add("fetch-max-redirects", 3, "redirects followed for a URL source", int, "N")
+    add(
+        "allow-source-cidr",
+        [],
+        "address range URL sources may use despite the private/loopback block",
+        cidr,
+        "CIDR",
+        kind="list",
+    )
+    add("deadline", 30.0, "deadline for calls that set none", opt.positive_float, "SECONDS")
+    add("max-deadline", 120.0, "cap on any call's deadline", opt.positive_float, "SECONDS")
+    add("auth", "jwt", "jwt, or none (legacy/development only)", opt.choice("jwt", "none"), "MODE")
+    add("jwks", None, "JWKS file with the token verification keys", metavar="FILE")
+    add("issuer", "imagescaler-admin", "required token issuer (iss)", metavar="ISS")
+    add("audience", "imagescaler", "required token audience (aud)", metavar="AUD")
+    add("tenants", None, "tenant registry file (YAML or JSON)", metavar="FILE")
+    add("token-leeway", 30.0, "clock skew allowed on exp/nbf/iat", float, "SECONDS")
+    add(
+        "max-token-lifetime",
+        86400.0,
+        "tokens with a longer exp - iat are refused",
+        opt.positive_float,
+        "SECONDS",
+    )
+    add(
+        "revocations",
+        "memory://",
+        "where token revocations live: memory:// or redis://...",
+        metavar="URI",
+    )
+    add(
+        "ratelimit-storage",
+        "memory://",
+        "rate-limit counters: memory:// or redis://...",
+        metavar="URI",
+    )
+    add(
+        "result-store",
+        None,
+        "store results and return signed URLs: gs://BUCKET/PREFIX",
+        metavar="URI",
+    )
+    add("tls-cert", None, "certificate for TLS on the public listener", opt.existing_file, "FILE")
+    add("tls-key", None, "private key for TLS on the public listener", opt.existing_file, "FILE")
+    add("metrics-port", 5001, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
+    add(
+        "workers",
+        max(16, 8 * default_workers()),
+        "request threads (mostly waiting on I/O)",
+        opt.positive_int,
+        "N",
+    )
+    add(
+        "max-concurrent-rpcs",
+        256,
+        "in-flight RPCs per replica before RESOURCE_EXHAUSTED",
+        opt.positive_int,
+        "N",
+    )
+    add(
+        "grace",
+        25.0,
+        "seconds in-flight requests get to finish on SIGTERM",
+        opt.positive_float,
+        "SECONDS",
+    )
+    add(
+        "log-level",
+        "info",
+        "debug, info, warning or error",
+        opt.choice("debug", "info", "warning", "error"),
+        "LEVEL",
+    )
+    return o
+
+
+def load(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ApiSettings:
+    """Build settings from flags, environment and config file; exit 2 naming a bad option."""
+    o = build_options()
+    values = o.parse(argv, environ)
+    values["allow_source_cidr"] = tuple(values["allow_source_cidr"])
+    try:
+        return ApiSettings(**values)
+    except ValueError as exc:
+        o.fail(str(exc))
+        raise

@@ -1,0 +1,147 @@
+"""The public ``imagescaler.ImageScaler`` servicer: source, decision, forwarding, reply."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from api import accesslog
+from api.config import ApiSettings
+from api.decision import decide
+from api.fetch import Fetcher
+from api.forwarding import ProcessorClient
+from api.pb import imagescaler_pb2 as pb
+from api.pb import imagescaler_pb2_grpc
+from processor import headers
+from processor.errors import DeadlineExceeded, InvalidInput, ServiceError
+from processor.pb import processor_pb2 as ppb
+from processor.service import FORMAT_ENUMS, MODE_ENUMS, MODES
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+FORMAT_NAMES = {v: k for k, v in FORMAT_ENUMS.items()}
+
+# Raises PermissionDenied when the caller may not use a feature ("scale:url", ...).
+Authorizer = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The caller's deadline (or our default), capped; each stage gets what is left."""
+
+    expires: float
+
+    @classmethod
+    def of(cls, context: grpc.ServicerContext, default: float, cap: float) -> Deadline:
+        remaining = context.time_remaining()
+        budget = default if remaining is None else min(remaining, cap)
+        return cls(time.monotonic() + budget)
+
+    def remaining(self) -> float:
+        left = self.expires - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded")
+        return left
+
+
+class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
+    def __init__(
+        self,
+        settings: ApiSettings,
+        processor: ProcessorClient,
+        fetcher: Fetcher,
+        authorize: Authorizer,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.fetcher = fetcher
+        self.authorize = authorize
+
+    def ScaleImage(
+        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
+    ) -> pb.ScaleImageReply:
+        try:
+            return self._scale(request, context)
+        except ServiceError as exc:
+            accesslog.note(reason=str(exc))
+            context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+
+    def _scale(
+        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
+    ) -> pb.ScaleImageReply:
+        s = self.settings
+        deadline = Deadline.of(context, s.deadline, s.max_deadline)
+        data = self._source(request.image, deadline)
+        header = headers.probe(data, s.max_input_bytes, s.max_pixels)
+        decision = decide(header.oriented_size, s.target_size, s.margin, s.grayscale)
+        accesslog.note(
+            bytes_in=len(data),
+            input_format=header.format,
+            input_size=f"{header.oriented_size[0]}x{header.oriented_size[1]}",
+            scaled=decision.scale,
+            grayscale=decision.grayscale,
+        )
+        reply = self.processor.process(self._job(data, decision.scale), deadline.remaining())
+        accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
+        return pb.ScaleImageReply(content=reply.image, info=info_from(reply))
+
+    def _source(self, image: pb.Image, deadline: Deadline) -> bytes:
+        """Inline bytes win over a URL, as the contract says."""
+        if image.content:
+            self.authorize("scale:content")
+            accesslog.note(source="content")
+            return image.content
+        if image.HasField("source") and image.source.http_uri:
+            self.authorize("scale:url")
+            accesslog.note(source="url")
+            fetched = self.fetcher.fetch(image.source.http_uri, deadline.remaining())
+            accesslog.note(fetch_ms=round(fetched.elapsed * 1000, 1))
+            return fetched.data
+        raise InvalidInput("no image: set image.content or image.source.http_uri")
+
+    def _job(self, data: bytes, scale: bool) -> ppb.ProcessRequest:
+        s = self.settings
+        request = ppb.ProcessRequest(
+            image=data, grayscale=s.grayscale, format=FORMAT_ENUMS[s.format], quality=s.quality
+        )
+        if scale:
+            request.scaling.CopyFrom(
+                ppb.Scaling(
+                    width=s.target_size[0],
+                    height=s.target_size[1],
+                    mode=MODE_ENUMS[s.fit],
+                    pad_color=s.pad_color,
+                )
+            )
+        return request
+
+
+def info_from(reply: ppb.ProcessReply) -> pb.ProcessingInfo:
+    g, t = reply.geometry, reply.timings
+    fmt = FORMAT_NAMES.get(reply.format, "jpeg")
+    return pb.ProcessingInfo(
+        original_width=g.original_width,
+        original_height=g.original_height,
+        orientation=g.orientation,
+        output_width=g.output_width,
+        output_height=g.output_height,
+        scale_x=g.scale_x,
+        scale_y=g.scale_y,
+        crop_x=g.crop_x,
+        crop_y=g.crop_y,
+        crop_width=g.crop_width,
+        crop_height=g.crop_height,
+        pad_x=g.pad_x,
+        pad_y=g.pad_y,
+        scaled=reply.scaled,
+        grayscale=reply.grayscale,
+        format=fmt,
+        content_type=CONTENT_TYPES[fmt],
+        fit=MODES[reply.mode] if reply.scaled else "",
+        color=reply.color,
+        passthrough=reply.passthrough,
+        processing_ms=t.decode_ms + t.transform_ms + t.encode_ms,
+    )

@@ -1,0 +1,144 @@
+"""The processor's settings: one frozen object built and validated once at startup."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from processor import options as opt
+
+
+def default_workers() -> int:
+    """Cores this process may run on (not the host's count, which containers inherit)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    listen: str = "127.0.0.1:50052"
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    allow_client: tuple[str, ...] = ()
+    probe_listen: str | None = None
+    metrics_port: int = 0
+    workers: int = 2
+    queue: int = 8
+    max_input_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    max_connection_age: float = 300.0
+    grace: float = 25.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS} (Pillow's bomb limit)"
+            )
+        tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.insecure and any(tls):
+            raise ValueError("--insecure: cannot be combined with --tls-cert/--tls-key")
+        if not self.insecure and not all(tls):
+            raise ValueError(
+                "--tls-cert, --tls-key and --tls-client-ca are required (or --insecure for "
+                "development on loopback)"
+            )
+        if self.insecure:
+            _require_loopback(self.listen)
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """Work in progress plus a short queue; beyond it, callers hear RESOURCE_EXHAUSTED."""
+        return self.workers + self.queue
+
+
+def _require_loopback(listen: str) -> None:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host not in {"localhost", "::1"} and not host.startswith("127."):
+        raise ValueError(f"--insecure: refuses to listen on non-loopback address {listen!r}")
+
+
+def build_options() -> opt.Options:
+    o = opt.Options("imagescaler-processor", "The imagescaler processor: decodes, scales, encodes.")
+    o.add("listen", "127.0.0.1:50052", "address to serve gRPC on", opt.host_port, "HOST:PORT")
+    o.add("insecure", False, "plaintext, for development; loopback addresses only", kind="bool")
+    o.add("tls-cert", None, "server certificate (PEM) for mutual TLS", opt.existing_file, "FILE")
+    o.add("tls-key", None, "server private key (PEM)", opt.existing_file, "FILE")
+    o.add(
+        "tls-client-ca",
+        None,
+        "CA that signs allowed client certificates",
+        opt.existing_file,
+        "FILE",
+    )
+    o.add(
+        "allow-client",
+        [],
+        "client identity (certificate SAN or CN) allowed to call",
+        metavar="NAME",
+        kind="list",
+    )
+    o.add(
+        "probe-listen",
+        None,
+        "plaintext port serving only the health service, for Kubernetes gRPC probes",
+        opt.host_port,
+        "HOST:PORT",
+    )
+    o.add("metrics-port", 0, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
+    o.add(
+        "workers",
+        default_workers(),
+        "concurrent images (threads); default: usable cores",
+        opt.positive_int,
+        "N",
+    )
+    o.add("queue", 8, "requests that may wait for a worker before new ones are refused", int, "N")
+    o.add(
+        "max-input-bytes",
+        32 * 1024 * 1024,
+        "largest accepted image (e.g. 32MB)",
+        opt.byte_size,
+        "BYTES",
+    )
+    o.add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
+    o.add(
+        "max-connection-age",
+        300.0,
+        "seconds before clients must reconnect (and re-resolve)",
+        opt.positive_float,
+        "SECONDS",
+    )
+    o.add(
+        "grace",
+        25.0,
+        "seconds in-flight requests get to finish on SIGTERM",
+        opt.positive_float,
+        "SECONDS",
+    )
+    o.add(
+        "log-level",
+        "info",
+        "debug, info, warning or error",
+        opt.choice("debug", "info", "warning", "error"),
+        "LEVEL",
+    )
+    return o
+
+
+def load(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ProcessorSettings:
+    """Build settings from flags, environment and config file; exit 2 naming a bad option."""
+    o = build_options()
+    values = o.parse(argv, environ)
+    values["allow_client"] = tuple(values["allow_client"])
+    try:
+        return ProcessorSettings(**values)
+    except ValueError as exc:
+        o.fail(str(exc))
+        raise

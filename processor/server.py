@@ -1,0 +1,82 @@
+"""``imagescaler-processor``: the pixel-work micro-service."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import grpc
+from grpc_health.v1 import health
+
+from processor import config, imaging, logs, serving
+from processor.pb import processor_pb2, processor_pb2_grpc
+from processor.service import ProcessorService
+
+log = logging.getLogger("imagescaler.processor")
+
+SERVICE_NAME = processor_pb2.DESCRIPTOR.services_by_name["Processor"].full_name
+
+
+@dataclass
+class Running:
+    """A started server and what tests and ``main()`` need to talk to or stop it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    probe: grpc.Server | None = None
+    probe_port: int | None = None
+
+    def stop(self, grace: float | None = None) -> None:
+        serving.drain(self.server, self.health, grace or 0)
+        if self.probe:
+            self.probe.stop(None)
+
+
+def server_options(settings: config.ProcessorSettings) -> list[tuple[str, object]]:
+    """Message limits, plus a maximum connection age so clients re-resolve after a scale-out."""
+    age_ms = int(settings.max_connection_age * 1000)
+    return serving.message_options(
+        settings.max_input_bytes,
+        [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace * 1000)),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+
+
+def credentials(settings: config.ProcessorSettings) -> grpc.ServerCredentials | None:
+    if settings.insecure:
+        return None
+    from processor import tls
+
+    assert settings.tls_cert and settings.tls_key and settings.tls_client_ca
+    return tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
+def build_server(settings: config.ProcessorSettings) -> Running:
+    """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
+    server = serving.new_server(
+        settings.workers, settings.max_concurrent_rpcs, server_options(settings)
+    )
+    limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
+    processor_pb2_grpc.add_ProcessorServicer_to_server(ProcessorService(limits), server)
+    servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
+    port = serving.bind(server, settings.listen, credentials(settings))
+    server.start()
+    return Running(server, port, servicer)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = config.load(argv)
+    logs.configure(settings.log_level)
+    running = build_server(settings)
+    log.info("serving", extra={"port": running.port, "settings": asdict(settings)})
+    if settings.insecure:
+        log.warning("plaintext gRPC (--insecure): for development on loopback only")
+    serving.serve_until_signal(running.server, running.health, settings.grace)

@@ -1,0 +1,128 @@
+"""The processor's gRPC servicer: protobuf in, pipeline job, protobuf out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from processor import imaging
+from processor.errors import InvalidInput, ServiceError
+from processor.pb import processor_pb2 as pb
+from processor.pb import processor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MODES = {
+    pb.FIT_MODE_UNSPECIFIED: "pad",
+    pb.FIT_MODE_FIT: "fit",
+    pb.FIT_MODE_FILL: "fill",
+    pb.FIT_MODE_PAD: "pad",
+    pb.FIT_MODE_STRETCH: "stretch",
+}
+MODE_ENUMS = {
+    "fit": pb.FIT_MODE_FIT,
+    "fill": pb.FIT_MODE_FILL,
+    "pad": pb.FIT_MODE_PAD,
+    "stretch": pb.FIT_MODE_STRETCH,
+}
+FORMATS = {
+    pb.FORMAT_UNSPECIFIED: "jpeg",
+    pb.FORMAT_JPEG: "jpeg",
+    pb.FORMAT_PNG: "png",
+    pb.FORMAT_WEBP: "webp",
+}
+FORMAT_ENUMS = {"jpeg": pb.FORMAT_JPEG, "png": pb.FORMAT_PNG, "webp": pb.FORMAT_WEBP}
+MAX_SIDE = 16384
+DEFAULT_QUALITY = 85
+
+
+def job_from_request(request: pb.ProcessRequest) -> imaging.Job:
+    """Validate the request's parameters; the image bytes are the pipeline's business."""
+    if request.format not in FORMATS:
+        raise InvalidInput(f"unknown output format {request.format}")
+    if request.quality > 100:
+        raise InvalidInput(f"quality must be 1-100, got {request.quality}")
+    size = None
+    mode = "pad"
+    pad_color = (0, 0, 0)
+    if request.HasField("scaling"):
+        scaling = request.scaling
+        if not (0 < scaling.width <= MAX_SIDE and 0 < scaling.height <= MAX_SIDE):
+            raise InvalidInput(f"target size must be 1-{MAX_SIDE} on each side")
+        if scaling.mode not in MODES:
+            raise InvalidInput(f"unknown fit mode {scaling.mode}")
+        size, mode = (scaling.width, scaling.height), MODES[scaling.mode]
+        color = scaling.pad_color & 0xFFFFFF
+        pad_color = (color >> 16, (color >> 8) & 0xFF, color & 0xFF)
+    return imaging.Job(
+        size=size,
+        mode=mode,
+        pad_color=pad_color,
+        grayscale=request.grayscale,
+        format=FORMATS[request.format],
+        quality=request.quality or DEFAULT_QUALITY,
+    )
+
+
+def reply_from_result(result: imaging.Result) -> pb.ProcessReply:
+    g = result.geometry
+    return pb.ProcessReply(
+        image=result.data,
+        geometry=pb.Geometry(
+            original_width=g.original_width,
+            original_height=g.original_height,
+            orientation=g.orientation,
+            output_width=g.output_width,
+            output_height=g.output_height,
+            scale_x=g.scale_x,
+            scale_y=g.scale_y,
+            crop_x=g.crop_x,
+            crop_y=g.crop_y,
+            crop_width=g.crop_width,
+            crop_height=g.crop_height,
+            pad_x=g.pad_x,
+            pad_y=g.pad_y,
+        ),
+        format=FORMAT_ENUMS[result.format],
+        scaled=result.scaled,
+        grayscale=result.grayscale,
+        mode=MODE_ENUMS[result.mode] if result.scaled and result.mode else pb.FIT_MODE_UNSPECIFIED,
+        color=result.color,
+        passthrough=result.passthrough,
+        timings=pb.Timings(
+            decode_ms=result.timings.decode_ms,
+            transform_ms=result.timings.transform_ms,
+            encode_ms=result.timings.encode_ms,
+        ),
+        input_format=result.input_format,
+    )
+
+
+class ProcessorService(processor_pb2_grpc.ProcessorServicer):
+    """Runs the pipeline for each request; domain errors become precise status codes."""
+
+    def __init__(self, limits: imaging.Limits) -> None:
+        self.limits = limits
+
+    def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
+        started = time.perf_counter()
+        try:
+            result = imaging.process(request.image, job_from_request(request), self.limits)
+        except ServiceError as exc:
+            log.info(
+                "refused",
+                extra={"code": exc.code.name, "reason": str(exc), "bytes_in": len(request.image)},
+            )
+            context.abort(exc.code, str(exc))
+        log.debug(
+            "processed",
+            extra={
+                "bytes_in": len(request.image),
+                "bytes_out": len(result.data),
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "scaled": result.scaled,
+            },
+        )
+        return reply_from_result(result)

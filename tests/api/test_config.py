@@ -1,0 +1,95 @@
+"""Startup configuration: flags over environment over config file, bad values exit at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from api import config
+
+DEV = ["--processor-insecure", "--auth", "none"]
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = config.load(DEV, environ={})
+    assert s.listen == "0.0.0.0:50051"
+    assert (s.target_size, s.grayscale, s.margin, s.fit) == ((1024, 768), True, 0.05, "pad")
+    assert s.max_input_bytes == 32 * 1024 * 1024
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    conf = tmp_path / "api.toml"
+    conf.write_text('target-size = "800x600"\nmargin = 0.1\nquality = 70\ngrayscale = false\n')
+    env = {"IMAGESCALER_CONFIG": str(conf), "IMAGESCALER_MARGIN": "0.2"}
+    s = config.load([*DEV, "--quality", "90"], environ=env)
+    assert s.target_size == (800, 600)  # file
+    assert s.grayscale is False  # file
+    assert s.margin == 0.2  # env beats file
+    assert s.quality == 90  # flag beats file
+
+
+def test_list_options_from_env() -> None:
+    env = {"IMAGESCALER_ALLOW_SOURCE_CIDR": "127.0.0.0/8, 10.1.0.0/16"}
+    s = config.load(DEV, environ=env)
+    assert [str(n) for n in s.allow_source_cidr] == ["127.0.0.0/8", "10.1.0.0/16"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--target-size", "0x768"], {}, "--target-size"),
+        (["--margin", "1.5"], {}, "--margin"),
+        (["--format", "gif"], {}, "--format"),
+        (["--quality", "0"], {}, "--quality"),
+        ([], {"IMAGESCALER_TARGET_SIZE": "big"}, "IMAGESCALER_TARGET_SIZE"),
+        ([], {"IMAGESCALER_GRAYSCALE": "maybe"}, "IMAGESCALER_GRAYSCALE"),
+        (["--allow-source-cidr", "nonsense"], {}, "--allow-source-cidr"),
+    ],
+)
+def test_bad_values_exit_naming_the_option(
+    argv: list[str], env: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config.load([*DEV, *argv], environ=env)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "api.toml"
+    conf.write_text('target_sise = "800x600"\n')
+    with pytest.raises(SystemExit):
+        config.load([*DEV, "--config", str(conf)], environ={})
+    assert "target_sise" in capsys.readouterr().err
+
+
+def test_processor_tls_required_unless_insecure(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        config.load(["--auth", "none"], environ={})
+    assert "--processor-ca" in capsys.readouterr().err
+
+
+def test_public_view_redacts_redis_password() -> None:
+    s = config.load([*DEV, "--ratelimit-storage", "redis://:hunter2@127.0.0.1:6379/0"], environ={})
+    assert "hunter2" not in str(s.public())
+
+
+def test_help_shows_every_option_with_env_name() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from api.config import build_options; build_options().parser.print_help()",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200"},
+    ).stdout
+    for flag in ("--target-size", "--margin", "--processor", "--allow-source-cidr", "--jwks"):
+        assert flag in out
+    assert "IMAGESCALER_TARGET_SIZE" in out
+    assert "flags, then environment, then config file" in out
