@@ -77,3 +77,76 @@ def api(
     from tests.stack import dev_api_settings
 
     return start_api(dev_api_settings(f"127.0.0.1:{processor.port}"))
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+
+class RedisProcess:
+    """A real ``redis-server`` on a free loopback port; can be stopped and restarted in place."""
+
+    def __init__(self, tmp: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (the test command's setup installs it)")
+        self.binary, self.dir = binary, tmp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)  # polling for readiness, not synchronising on time
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RedisProcess]]:
+    """Spawn private Redis servers (for tests that stop and restart them)."""
+    spawned: list[RedisProcess] = []
+
+    def start() -> RedisProcess:
+        spawned.append(RedisProcess(tmp_path_factory.mktemp("redis")))
+        return spawned[-1]
+
+    yield start
+    for r in spawned:
+        r.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis URL shared by the session: ``$REDIS_URL`` if set, else a spawned server."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
