@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pi/pb/imagescaler.proto\x12\x0bimagescaler\"6\n\x11ScaleImageRequest\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.imagescaler.Image\"B\n\x05Image\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12(\n\x06source\x18\x02 \x01(\x0b\x32\x18.imagescaler.ImageSource\"\x1f\n\x0bImageSource\x12\x10\n\x08http_uri\x18\x01 \x01(\t\"M\n\x0fScaleImageReply\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.imagescaler.ProcessingInfo\"\x9d\x03\n\x0eProcessingInfo\x12\x16\n\x0eoriginal_width\x18\x01 \x01(\r\x12\x17\n\x0foriginal_height\x18\x02 \x01(\r\x12\x13\n\x0borientation\x18\x03 \x01(\r\x12\x14\n\x0coutput_width\x18\x04 \x01(\r\x12\x15\n\routput_height\x18\x05 \x01(\r\x12\x0f\n\x07scale_x\x18\x06 \x01(\x01\x12\x0f\n\x07scale_y\x18\x07 \x01(\x01\x12\x0e\n\x06\x63rop_x\x18\x08 \x01(\r\x12\x0e\n\x06\x63rop_y\x18\t \x01(\r\x12\x12\n\ncrop_width\x18\n \x01(\r\x12\x13\n\x0b\x63rop_height\x18\x0b \x01(\r\x12\r\n\x05pad_x\x18\x0c \x01(\r\x12\r\n\x05pad_y\x18\r \x01(\r\x12\x0e\n\x06scaled\x18\x0e \x01(\x08\x12\x11\n\tgrayscale\x18\x0f \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x11 \x01(\t\x12\x0b\n\x03\x66it\x18\x12 \x01(\t\x12\r\n\x05\x63olor\x18\x13 \x01(\t\x12\x13\n\x0bpassthrough\x18\x14 \x01(\x08\x12\x15\n\rprocessing_ms\x18\x15 \x01(\x01\x32Y\n\x0bImageScaler\x12J\n\nScaleImage\x12\x1e.imagescaler.ScaleImageRequest\x1a\x1c.imagescaler.ScaleImageReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pi/pb/imagescaler.proto\x12\x0bimagescaler\"_\n\x11ScaleImageRequest\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.imagescaler.Image\x12\'\n\x08\x64\x65livery\x18\x02 \x01(\x0e\x32\x15.imagescaler.Delivery\"B\n\x05Image\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12(\n\x06source\x18\x02 \x01(\x0b\x32\x18.imagescaler.ImageSource\"\x1f\n\x0bImageSource\x12\x10\n\x08http_uri\x18\x01 \x01(\t\"\x92\x01\n\x0fScaleImageReply\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.imagescaler.ProcessingInfo\x12)\n\x06stored\x18\x03 \x01(\x0b\x32\x19.imagescaler.StoredResult\x12\x18\n\x10storage_fallback\x18\x04 \x01(\x08\"e\n\x0cStoredResult\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x9d\x03\n\x0eProcessingInfo\x12\x16\n\x0eoriginal_width\x18\x01 \x01(\r\x12\x17\n\x0foriginal_height\x18\x02 \x01(\r\x12\x13\n\x0borientation\x18\x03 \x01(\r\x12\x14\n\x0coutput_width\x18\x04 \x01(\r\x12\x15\n\routput_height\x18\x05 \x01(\r\x12\x0f\n\x07scale_x\x18\x06 \x01(\x01\x12\x0f\n\x07scale_y\x18\x07 \x01(\x01\x12\x0e\n\x06\x63rop_x\x18\x08 \x01(\r\x12\x0e\n\x06\x63rop_y\x18\t \x01(\r\x12\x12\n\ncrop_width\x18\n \x01(\r\x12\x13\n\x0b\x63rop_height\x18\x0b \x01(\r\x12\r\n\x05pad_x\x18\x0c \x01(\r\x12\r\n\x05pad_y\x18\r \x01(\r\x12\x0e\n\x06scaled\x18\x0e \x01(\x08\x12\x11\n\tgrayscale\x18\x0f \x01(\x08\x12\x0e\n\x06\x66ormat\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x11 \x01(\t\x12\x0b\n\x03\x66it\x18\x12 \x01(\t\x12\r\n\x05\x63olor\x18\x13 \x01(\t\x12\x13\n\x0bpassthrough\x18\x14 \x01(\x08\x12\x15\n\rprocessing_ms\x18\x15 \x01(\x01*N\n\x08\x44\x65livery\x12\x13\n\x0f\x44\x45LIVERY_INLINE\x10\x00\x12\x10\n\x0c\x44\x45LIVERY_URL\x10\x01\x12\x1b\n\x17\x44\x45LIVERY_URL_AND_INLINE\x10\x02\x32Y\n\x0bImageScaler\x12J\n\nScaleImage\x12\x1e.imagescaler.ScaleImageRequest\x1a\x1c.imagescaler.ScaleImageReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'api.pb.imagescaler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DELIVERY']._serialized_start=907
+  _globals['_DELIVERY']._serialized_end=985
   _globals['_SCALEIMAGEREQUEST']._serialized_start=41
-  _globals['_SCALEIMAGEREQUEST']._serialized_end=95
-  _globals['_IMAGE']._serialized_start=97
-  _globals['_IMAGE']._serialized_end=163
-  _globals['_IMAGESOURCE']._serialized_start=165
-  _globals['_IMAGESOURCE']._serialized_end=196
-  _globals['_SCALEIMAGEREPLY']._serialized_start=198
-  _globals['_SCALEIMAGEREPLY']._serialized_end=275
-  _globals['_PROCESSINGINFO']._serialized_start=278
-  _globals['_PROCESSINGINFO']._serialized_end=691
-  _globals['_IMAGESCALER']._serialized_start=693
-  _globals['_IMAGESCALER']._serialized_end=782
+  _globals['_SCALEIMAGEREQUEST']._serialized_end=136
+  _globals['_IMAGE']._serialized_start=138
+  _globals['_IMAGE']._serialized_end=204
+  _globals['_IMAGESOURCE']._serialized_start=206
+  _globals['_IMAGESOURCE']._serialized_end=237
+  _globals['_SCALEIMAGEREPLY']._serialized_start=240
+  _globals['_SCALEIMAGEREPLY']._serialized_end=386
+  _globals['_STOREDRESULT']._serialized_start=388
+  _globals['_STOREDRESULT']._serialized_end=489
+  _globals['_PROCESSINGINFO']._serialized_start=492
+  _globals['_PROCESSINGINFO']._serialized_end=905
+  _globals['_IMAGESCALER']._serialized_start=987
+  _globals['_IMAGESCALER']._serialized_end=1076
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -5,11 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Delivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_INLINE: _ClassVar[Delivery]
+    DELIVERY_URL: _ClassVar[Delivery]
+    DELIVERY_URL_AND_INLINE: _ClassVar[Delivery]
+DELIVERY_INLINE: Delivery
+DELIVERY_URL: Delivery
+DELIVERY_URL_AND_INLINE: Delivery
+
 class ScaleImageRequest(_message.Message):
-    __slots__ = ("image",)
+    __slots__ = ("image", "delivery")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     image: Image
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+    delivery: Delivery
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., delivery: _Optional[_Union[Delivery, str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("content", "source")
@@ -26,12 +38,30 @@ class ImageSource(_message.Message):
     def __init__(self, http_uri: _Optional[str] = ...) -> None: ...
 
 class ScaleImageReply(_message.Message):
-    __slots__ = ("content", "info")
+    __slots__ = ("content", "info", "stored", "storage_fallback")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     content: bytes
     info: ProcessingInfo
-    def __init__(self, content: _Optional[bytes] = ..., info: _Optional[_Union[ProcessingInfo, _Mapping]] = ...) -> None: ...
+    stored: StoredResult
+    storage_fallback: bool
+    def __init__(self, content: _Optional[bytes] = ..., info: _Optional[_Union[ProcessingInfo, _Mapping]] = ..., stored: _Optional[_Union[StoredResult, _Mapping]] = ..., storage_fallback: _Optional[bool] = ...) -> None: ...
+
+class StoredResult(_message.Message):
+    __slots__ = ("url", "expires_unix", "size", "content_type", "sha256")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expires_unix: int
+    size: int
+    content_type: str
+    sha256: str
+    def __init__(self, url: _Optional[str] = ..., expires_unix: _Optional[int] = ..., size: _Optional[int] = ..., content_type: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ProcessingInfo(_message.Message):
     __slots__ = ("original_width", "original_height", "orientation", "output_width", "output_height", "scale_x", "scale_y", "crop_x", "crop_y", "crop_width", "crop_height", "pad_x", "pad_y", "scaled", "grayscale", "format", "content_type", "fit", "color", "passthrough", "processing_ms")
