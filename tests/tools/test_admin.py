@@ -1,0 +1,257 @@
+"""imagescaler-admin: keygen -> mint -> inspect -> call, and every refusal's exit code."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from api.interceptors import AuthInterceptor, current
+from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
+from auth.keys import KeyStore
+from auth.revocation import RedisRevocations
+from auth.tenants import TenantRegistry
+from auth.tokens import AuthSettings, Claims, TokenVerifier
+from tests.stack import free_port
+from tools import admin
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str,
+        environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+    status = admin.main(list(argv), environ=environ or {})
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        admin.main(list(argv), environ={})
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+class Echo(imagescaler_pb2_grpc.ImageScalerServicer):
+    def ScaleImage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return imagescaler_pb2.ScaleImageReply(content=current().tenant_id.encode())
+
+
+@pytest.fixture
+def keydir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    status, out, _ = run(capsys, "keygen", "--out", str(tmp_path / "keys"), "--kid", "k1")
+    assert status == 0 and json.loads(out)["kids"] == ["k1"]
+    return tmp_path / "keys"
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
+    servers: list[grpc.Server] = []
+
+    def start(jwks: Path) -> int:
+        (tmp_path / "tenants.yaml").write_text("tenants: [{id: acme}]")
+        verifier = TokenVerifier(AuthSettings(), KeyStore(jwks, interval=0))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[
+            AuthInterceptor(verifier, TenantRegistry(tmp_path / "tenants.yaml"))])
+        imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return port
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def call(port: int, token: str) -> tuple[grpc.StatusCode, bytes | str]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = imagescaler_pb2_grpc.ImageScalerStub(channel)
+        try:
+            reply = stub.ScaleImage(imagescaler_pb2.ScaleImageRequest(),
+                                    metadata=[("authorization", f"Bearer {token}")], timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, reply.content
+
+
+def test_round_trip_keygen_mint_inspect_call(
+    keydir: Path, capsys: pytest.CaptureFixture[str], serve: Callable[[Path], int]
+) -> None:
+    status, out, _ = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme",
+                         "--scope", "scale:content", "--ttl", "15m")
+    token = out.strip()
+    assert status == 0 and token.count(".") == 2
+    status, out, _ = run(capsys, "inspect", token, "--jwks", str(keydir / "jwks.json"))
+    report = json.loads(out)
+    assert status == 0 and report["valid"] is True
+    assert report["header"]["kid"] == "k1"
+    assert report["claims"]["tenant"] == "acme" and report["claims"]["scope"] == "scale:content"
+    assert report["claims"]["exp"] - report["claims"]["iat"] == 900
+    assert call(serve(keydir / "jwks.json"), token) == (grpc.StatusCode.OK, b"acme")
+
+
+def test_keygen_rotation_keeps_old_keys_and_protects_private_keys(
+    keydir: Path, capsys: pytest.CaptureFixture[str], serve: Callable[[Path], int]
+) -> None:
+    port = serve(keydir / "jwks.json")
+    old = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme")[1].strip()
+    status, out, _ = run(capsys, "keygen", "--out", str(keydir), "--kid", "k2", "--alg", "EdDSA")
+    assert status == 0 and json.loads(out)["kids"] == ["k1", "k2"]
+    new = run(capsys, "mint", "--key", str(keydir / "k2.pem"), "--tenant", "acme")[1].strip()
+    assert call(port, old)[0] == call(port, new)[0] == grpc.StatusCode.OK
+    for name in ("k1.pem", "k2.pem"):
+        assert stat.S_IMODE((keydir / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(keydir.stat().st_mode) == 0o700
+    jwks = (keydir / "jwks.json").read_text()
+    assert '"d"' not in jwks and "PRIVATE" not in jwks
+    status, _, err = run(capsys, "keygen", "--out", str(keydir), "--kid", "k2")
+    assert status == 1 and "already has a key with kid 'k2'" in err
+
+
+def test_keygen_refuses_a_broken_jwks_without_writing_a_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "jwks.json").write_text("{oops")
+    status, _, err = run(capsys, "keygen", "--out", str(tmp_path / "k"), "--kid", "k1",
+                         "--jwks", str(tmp_path / "jwks.json"))
+    assert status == 1 and "cannot extend" in err
+    assert not (tmp_path / "k" / "k1.pem").exists()
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256"])
+def test_keygen_other_algorithms(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 alg: str) -> None:
+    run(capsys, "keygen", "--out", str(tmp_path), "--kid", "k", "--alg", alg)
+    token = run(capsys, "mint", "--key", str(tmp_path / "k.pem"), "--tenant", "acme")[1].strip()
+    status, out, _ = run(capsys, "inspect", token, "--jwks", str(tmp_path / "jwks.json"),
+                         "--algorithms", alg)
+    assert status == 0 and json.loads(out)["header"]["alg"] == alg
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ttl", "2d"], "above the maximum of 86400s"),
+        (["--ttl", "2h", "--max-ttl", "1h"], "above the maximum of 3600s"),
+        (["--scope", "scale:everything"], "unknown scope(s) scale:everything"),
+        (["--tenant", "Acme"], "--tenant must match"),
+        (["--kid", "../x"], "cannot use '../x' as kid"),
+    ],
+)
+def test_mint_refusals(keydir: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                       message: str) -> None:
+    base = ["mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme"]
+    status, out, err = run(capsys, *base, *argv)
+    assert (status, out) == (1, "") and message in err
+
+
+def test_mint_from_environment_and_json(keydir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    environ = {"IMAGESCALER_KEY": str(keydir / "k1.pem"), "IMAGESCALER_TENANT": "acme",
+               "IMAGESCALER_SCOPE": "scale:content, scale:url", "IMAGESCALER_TTL": "2m",
+               "IMAGESCALER_AUDIENCE": "from-env"}
+    status, out, _ = run(capsys, "mint", "--json", environ=environ)
+    claims = json.loads(out)["claims"]
+    assert status == 0
+    assert (claims["tenant"], claims["scope"], claims["aud"]) == (
+        "acme", "scale:content scale:url", "from-env")
+    assert claims["exp"] - claims["iat"] == 120
+    status, out, _ = run(capsys, "mint", "--json", "--scope", "scale:url", "--audience", "flag",
+                         environ=environ)
+    claims = json.loads(out)["claims"]
+    assert (claims["scope"], claims["aud"]) == ("scale:url", "flag")  # flags win, not merged
+
+
+def test_inspect_explains_refusals(keydir: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    jwks = str(keydir / "jwks.json")
+    token = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme",
+                "--audience", "elsewhere")[1].strip()
+    status, out, err = run(capsys, "inspect", token, "--jwks", jwks)
+    report = json.loads(out)
+    assert status == 1 and report["valid"] is False and report["reason"] == "wrong audience"
+    assert report["claims"]["aud"] == "elsewhere" and "refused: wrong audience" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
+    status, out, _ = run(capsys, "inspect", "-", "--jwks", jwks, "--audience", "elsewhere")
+    assert status == 0 and json.loads(out)["valid"] is True
+    status, out, _ = run(capsys, "inspect", "not-a-token", "--jwks", jwks)
+    assert status == 1 and json.loads(out) == {"valid": False, "reason": "malformed token",
+                                               "header": None, "claims": None}
+    status, _, err = run(capsys, "inspect", token, "--jwks", str(keydir / "k1.pem"))
+    assert status == 1 and "not JSON" in err
+
+
+def test_revoke_needs_a_shared_store(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "revoke", "--revocations", "memory://", "--jti", "x")
+    assert status == 1 and "must be the API's redis:// URL" in err
+    status, _, err = run(capsys, "revoke", "--revocations",
+                         f"redis://127.0.0.1:{free_port()}/0", "--tenant", "acme")
+    assert status == 1 and "revocation store unavailable" in err
+    assert "one of the arguments --jti --tenant is required" in usage_error(
+        capsys, "revoke", "--revocations", "redis://127.0.0.1:1/0")
+
+
+def test_revoke_tenant_before_a_time(capsys: pytest.CaptureFixture[str],
+                                     start_redis: Callable[[], Any]) -> None:
+    url = start_redis().url
+    status, out, _ = run(capsys, "revoke", "--tenant", "acme", "--before",
+                         "2026-01-01T00:00:00Z", environ={"IMAGESCALER_REVOCATIONS": url})
+    assert status == 0 and json.loads(out)["issued_before"] == 1767225600.0
+    store = RedisRevocations(url)
+    old = Claims("acme", "s", frozenset(), "j", 1767225599.0, 1767229199.0, "k")
+    newer = Claims("acme", "s", frozenset(), "j", 1767225600.0, 1767229200.0, "k")
+    assert store.is_revoked(old) and not store.is_revoked(newer)
+    status, _, _ = run(capsys, "revoke", "--revocations", url, "--jti", "j2",
+                       "--expires", str(int(time.time()) + 60))
+    assert status == 0 and store.is_revoked(Claims("b", "s", frozenset(), "j2", 0, 1, "k"))
+    store.close()
+
+
+def test_parse_time() -> None:
+    assert admin.parse_time("now", now=5.0) == 5.0
+    assert admin.parse_time("1767225600") == 1767225600.0
+    assert admin.parse_time("2026-01-01T01:00:00+01:00") == 1767225600.0
+    with pytest.raises(ValueError, match="no time zone"):
+        admin.parse_time("2026-01-01T00:00:00")
+    with pytest.raises(ValueError, match="expected now"):
+        admin.parse_time("yesterday")
+
+
+def test_tenants_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("tenants:\n  - id: acme\n  - id: old\n    enabled: false\n")
+    status, out, _ = run(capsys, "tenants", "check", str(good))
+    assert status == 0 and json.loads(out) == {"ok": True, "enabled": ["acme"],
+                                               "disabled": ["old"]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants:\n  - id: acme\n    storage: maybe\n")
+    status, out, err = run(capsys, "tenants", "check", str(bad))
+    assert status == 1 and out == ""
+    assert "tenant 'acme': 'storage' must be one of forbid, allow, require" in err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "required: COMMAND" in usage_error(capsys)
+    assert "invalid choice" in usage_error(capsys, "keygen", "--out", str(tmp_path),
+                                           "--alg", "HS256")
+    assert "expected a positive duration" in usage_error(
+        capsys, "mint", "--key", "k.pem", "--tenant", "acme", "--ttl", "soon")
+    assert "required: --key" in usage_error(capsys, "mint", "--tenant", "acme")
+
+
+def test_exit_codes_from_a_real_process(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants: [{id: UPPER}]")
+    proc = subprocess.run([sys.executable, "-m", "tools.admin", "tenants", "check", str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "'id' must match" in proc.stderr
