@@ -33,7 +33,7 @@ def margin(text: str) -> float:
 
 def cidr(text: str) -> Network:
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        return ipaddress.ip_network(text.strip())
     except ValueError as exc:
         raise ValueError(f"expected a CIDR range such as 10.0.0.0/8, got {text!r}") from exc
 
@@ -67,6 +67,7 @@ class ApiSettings:
     issuer: str = "imagescaler-admin"
     audience: str = "imagescaler"
     tenants: str | None = None
+    token_algorithms: tuple[str, ...] = ("EdDSA",)
     token_leeway: float = 30.0
     max_token_lifetime: float = 86400.0
     revocations: str = "memory://"
@@ -198,6 +199,15 @@ def build_options() -> opt.Options:
     add("issuer", "imagescaler-admin", "required token issuer (iss)", metavar="ISS")
     add("audience", "imagescaler", "required token audience (aud)", metavar="AUD")
     add("tenants", None, "tenant registry file (YAML or JSON)", metavar="FILE")
+    add(
+        "token-algorithms",
+        ["EdDSA"],
+        "accepted token signature algorithms (EdDSA, ES256, "
+        "RS256); HMAC and none are always refused",
+        opt.choice("EdDSA", "ES256", "RS256"),
+        "ALG",
+        kind="list",
+    )
     add("token-leeway", 30.0, "clock skew allowed on exp/nbf/iat", float, "SECONDS")
     add(
         "max-token-lifetime",
@@ -265,6 +275,7 @@ def load(
     o = build_options()
     values = o.parse(argv, environ)
     values["allow_source_cidr"] = tuple(values["allow_source_cidr"])
+    values["token_algorithms"] = tuple(values["token_algorithms"])
     try:
         return ApiSettings(**values)
     except ValueError as exc:

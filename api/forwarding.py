@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -63,13 +62,12 @@ def channel_options(
 class ProcessorClient:
     """Calls ``Process``; every processor failure leaves here as a domain error."""
 
-    def __init__(self, channel: Callable[[], grpc.Channel]) -> None:
-        self._channel = channel
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = processor_pb2_grpc.ProcessorStub(channel)
 
     def process(self, request: pb.ProcessRequest, timeout: float) -> pb.ProcessReply:
-        stub = processor_pb2_grpc.ProcessorStub(self._channel())
         try:
-            return stub.Process(request, timeout=timeout)
+            return self._stub.Process(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise translate(exc) from None
 
@@ -86,5 +84,7 @@ def translate(exc: grpc.RpcError) -> ServiceError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("deadline exceeded while processing the image")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable("image processor unavailable; retry shortly")
+        return Unavailable("image processor unavailable (no connection or TLS handshake failed)")
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return Unavailable("image processor refused the API's identity (mTLS misconfiguration)")
     return Unavailable(f"image processor failed ({code.name.lower()})")

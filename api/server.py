@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
@@ -13,9 +14,14 @@ from api import config
 from api.accesslog import AccessLogInterceptor
 from api.fetch import Fetcher, FetchPolicy
 from api.forwarding import ProcessorClient, channel_options
+from api.interceptors import AnonymousInterceptor, AuthInterceptor, require_scope
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
-from api.service import Authorizer, ScalerService
-from processor import logs, serving
+from api.service import ScalerService
+from auth.keys import KeyStore
+from auth.revocation import revocations_from_url
+from auth.tenants import TenantRegistry
+from auth.tokens import AuthSettings, TokenVerifier
+from processor import logs, serving, tls
 
 log = logging.getLogger("imagescaler.api")
 
@@ -41,20 +47,19 @@ class Running:
             closer.close()  # type: ignore[attr-defined]
 
 
-def processor_channel(settings: config.ApiSettings) -> grpc.Channel:
+def processor_channel(settings: config.ApiSettings) -> tls.ReloadingChannel:
+    """mTLS that follows certificate rotation on disk (plaintext only when asked for)."""
+    client_tls = None
+    if not settings.processor_insecure:
+        assert settings.processor_ca and settings.processor_cert and settings.processor_key
+        client_tls = tls.ClientTls(
+            Path(settings.processor_ca),
+            Path(settings.processor_cert),
+            Path(settings.processor_key),
+            settings.processor_server_name,
+        )
     options = channel_options(settings.max_input_bytes)
-    if settings.processor_insecure:
-        return grpc.insecure_channel(settings.processor, options=options)
-    assert settings.processor_ca and settings.processor_cert and settings.processor_key
-    with (
-        open(settings.processor_ca, "rb") as ca,
-        open(settings.processor_key, "rb") as key,
-        open(settings.processor_cert, "rb") as cert,
-    ):
-        creds = grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
-    if settings.processor_server_name:
-        options.append(("grpc.ssl_target_name_override", settings.processor_server_name))
-    return grpc.secure_channel(settings.processor, creds, options=options)
+    return tls.ReloadingChannel(settings.processor, client_tls, options, grace=settings.grace)
 
 
 def fetch_policy(settings: config.ApiSettings) -> FetchPolicy:
@@ -67,31 +72,42 @@ def fetch_policy(settings: config.ApiSettings) -> FetchPolicy:
     )
 
 
-def allow_all(scope: str) -> None:
-    """The authorizer of ``--auth none``: every feature is open."""
+def authentication(settings: config.ApiSettings) -> grpc.ServerInterceptor:
+    """JWT verification against the JWKS and tenant registry, or the loud legacy mode."""
+    tenants = TenantRegistry(settings.tenants) if settings.tenants else None
+    if settings.auth == "none":
+        return AnonymousInterceptor(tenants)
+    assert settings.jwks and tenants
+    algorithms = frozenset(settings.token_algorithms)
+    verifier = TokenVerifier(
+        AuthSettings(
+            issuer=settings.issuer,
+            audience=settings.audience,
+            leeway=settings.token_leeway,
+            max_lifetime=settings.max_token_lifetime,
+            algorithms=algorithms,
+        ),
+        KeyStore(settings.jwks, algorithms),
+        revocations_from_url(settings.revocations),
+    )
+    return AuthInterceptor(verifier, tenants)
 
 
-def build_server(
-    settings: config.ApiSettings,
-    fetcher: Fetcher | None = None,
-    interceptors: Sequence[grpc.ServerInterceptor] = (),
-    authorize: Authorizer = allow_all,
-) -> Running:
-    """Build, bind and start the API; returns the bound port (tests listen on port 0)."""
+def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -> Running:
+    """Build, bind and start the API; returns the bound port (tests listen on port 0).
+
+    The interceptor chain, outermost first: access log, authentication, rate limits.
+    """
     channel = processor_channel(settings)
-    service = ScalerService(
-        settings,
-        ProcessorClient(lambda: channel),
-        fetcher or Fetcher(fetch_policy(settings)),
-        authorize,
+    fetcher = fetcher or Fetcher(fetch_policy(settings))
+    service = ScalerService(settings, ProcessorClient(channel), fetcher, require_scope)
+    chain = [AccessLogInterceptor(), authentication(settings)]
+    options = serving.message_options(
+        settings.max_input_bytes,
+        # Room for an oversized token to reach the interceptor and get a clear refusal.
+        [("grpc.max_metadata_size", 64 * 1024), ("grpc.absolute_max_metadata_size", 64 * 1024)],
     )
-    chain = [AccessLogInterceptor(), *interceptors]
-    server = serving.new_server(
-        settings.workers,
-        settings.max_concurrent_rpcs,
-        serving.message_options(settings.max_input_bytes),
-        chain,
-    )
+    server = serving.new_server(settings.workers, settings.max_concurrent_rpcs, options, chain)
     imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(service, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, listener_credentials(settings))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from processor import options as opt
+from processor import tls
 
 
 def default_workers() -> int:
@@ -39,27 +40,23 @@ class ProcessorSettings:
             raise ValueError(
                 f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS} (Pillow's bomb limit)"
             )
-        tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
-        if self.insecure and any(tls):
+        files = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.insecure and any(files):
             raise ValueError("--insecure: cannot be combined with --tls-cert/--tls-key")
-        if not self.insecure and not all(tls):
+        if not self.insecure and not all(files):
             raise ValueError(
                 "--tls-cert, --tls-key and --tls-client-ca are required (or --insecure for "
                 "development on loopback)"
             )
         if self.insecure:
-            _require_loopback(self.listen)
+            tls.refuse_non_loopback(self.listen)
+        if self.allow_client and self.insecure:
+            raise ValueError("--allow-client: needs mutual TLS (client identities come from it)")
 
     @property
     def max_concurrent_rpcs(self) -> int:
         """Work in progress plus a short queue; beyond it, callers hear RESOURCE_EXHAUSTED."""
         return self.workers + self.queue
-
-
-def _require_loopback(listen: str) -> None:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host not in {"localhost", "::1"} and not host.startswith("127."):
-        raise ValueError(f"--insecure: refuses to listen on non-loopback address {listen!r}")
 
 
 def build_options() -> opt.Options:

@@ -224,11 +224,14 @@ def byte_size(text: str) -> int:
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
+    """Case-insensitive choice, returned in its canonical spelling."""
+    canonical = {name.lower(): name for name in allowed}
+
     def convert(text: str) -> str:
         lowered = text.strip().lower()
-        if lowered not in allowed:
+        if lowered not in canonical:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
-        return lowered
+        return canonical[lowered]
 
     return convert
 

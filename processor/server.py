@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
-from processor import config, imaging, logs, serving
+from processor import config, imaging, logs, serving, tls
 from processor.pb import processor_pb2, processor_pb2_grpc
 from processor.service import ProcessorService
 
@@ -51,25 +52,40 @@ def server_options(settings: config.ProcessorSettings) -> list[tuple[str, object
 
 
 def credentials(settings: config.ProcessorSettings) -> grpc.ServerCredentials | None:
+    """Mutual TLS (reloaded from disk on rotation), or plaintext for loopback development."""
     if settings.insecure:
         return None
-    from processor import tls
-
     assert settings.tls_cert and settings.tls_key and settings.tls_client_ca
-    return tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return tls.server_credentials(
+        Path(settings.tls_cert), Path(settings.tls_key), Path(settings.tls_client_ca)
+    )
+
+
+def interceptors(settings: config.ProcessorSettings) -> list[grpc.ServerInterceptor]:
+    """Identity check first: a caller with a disallowed certificate reaches nothing else."""
+    chain: list[grpc.ServerInterceptor] = []
+    if settings.allow_client:
+        chain.append(tls.PeerCheckInterceptor(tls.AllowedPeers(frozenset(settings.allow_client))))
+    return chain
 
 
 def build_server(settings: config.ProcessorSettings) -> Running:
     """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
     server = serving.new_server(
-        settings.workers, settings.max_concurrent_rpcs, server_options(settings)
+        settings.workers,
+        settings.max_concurrent_rpcs,
+        server_options(settings),
+        interceptors(settings),
     )
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     processor_pb2_grpc.add_ProcessorServicer_to_server(ProcessorService(limits), server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))
     server.start()
-    return Running(server, port, servicer)
+    running = Running(server, port, servicer)
+    if settings.probe_listen:
+        running.probe, running.probe_port = tls.start_probe_server(settings.probe_listen, servicer)
+    return running
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -80,3 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.insecure:
         log.warning("plaintext gRPC (--insecure): for development on loopback only")
     serving.serve_until_signal(running.server, running.health, settings.grace)
+
+
+if __name__ == "__main__":
+    main()

@@ -108,6 +108,7 @@ class ProcessorService(processor_pb2_grpc.ProcessorServicer):
 
     def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
         started = time.perf_counter()
+        log.debug("started", extra={"bytes_in": len(request.image)})
         try:
             result = imaging.process(request.image, job_from_request(request), self.limits)
         except ServiceError as exc:

@@ -23,13 +23,9 @@ def _messages() -> tuple[type[Any], type[Any]]:
     def message(name: str, *fields: tuple[str, int, int, str]) -> None:
         m = file.message_type.add(name=name)
         for field_name, number, kind, type_name in fields:
-            m.field.add(
-                name=field_name,
-                number=number,
-                type=kind,
-                label=f.LABEL_OPTIONAL,
-                type_name=type_name,
-            )
+            field = m.field.add(name=field_name, number=number, type=kind, label=f.LABEL_OPTIONAL)
+            if type_name:
+                field.type_name = type_name
 
     message("ImageSource", ("http_uri", 1, f.TYPE_STRING, ""))
     message(

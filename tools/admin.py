@@ -36,6 +36,7 @@ from auth.tokens import (
 )
 from processor.errors import Unavailable
 from processor.options import env_name
+from tools import certs
 
 PROG = "imagescaler-admin"
 
@@ -348,7 +349,7 @@ def build_parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, _
     env = _EnvOptions(environ)
     for add in (_add_keygen, _add_mint, _add_inspect, _add_revoke, _add_tenants):
         add(sub, env)
-    # TODO(lead): wire the certificates command: `from tools import certs; certs.register(sub)`
+    certs.register(sub)
     return parser, env
 
 

@@ -269,7 +269,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--days", type=_positive_int, default=90, help="validity (default 90)")
     parser.add_argument("--force", action="store_true", help="replace existing files")
-    parser.set_defaults(handler=_run)
+    parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ def test_reply_tells_what_was_done(api, sample_jpeg: bytes) -> None:
     assert info.content_type == "image/jpeg"
     # pad: the whole photo fits the height; horizontal bars on both sides
     assert info.scale_y == pytest.approx(768 / 1316, rel=1e-3)
-    assert info.pad_x == round((1024 - 1400 * info.scale_x) / 2)
+    assert info.pad_x == (1024 - round(1400 * info.scale_x)) // 2
 
 
 def test_within_margin_is_not_rescaled(api) -> None:

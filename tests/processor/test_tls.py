@@ -348,7 +348,7 @@ def _certs_command(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="imagescaler-admin")
     certs.register(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
-    return args.handler(args)
+    return args.run(args)
 
 
 def _sans(cert: x509.Certificate) -> list[str]:

@@ -1,0 +1,96 @@
+"""Prometheus metrics: the standard gRPC server set plus each service's own.
+
+Every process builds one :class:`prometheus_client.CollectorRegistry` in ``main()`` (tests
+build their own) and serves it on ``/metrics`` of its metrics port.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GrpcMetrics:
+    """``grpc_server_*`` as the go-grpc-prometheus convention names them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("grpc_service", "grpc_method", "grpc_type")
+        self.started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server.",
+            (*labels, "grpc_code"),
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "grpc_server_in_flight",
+            "RPCs being handled now.",
+            ("grpc_service", "grpc_method"),
+            registry=registry,
+        )
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary call, whatever status it ends with."""
+
+    def __init__(self, metrics: GrpcMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        inner, m = handler.unary_unary, self.metrics
+        labels = (service, method, "unary")
+
+        def measured(request: Any, context: grpc.ServicerContext) -> Any:
+            m.started.labels(*labels).inc()
+            in_flight = m.in_flight.labels(service, method)
+            in_flight.inc()
+            started = time.perf_counter()
+            try:
+                return inner(request, context)
+            finally:
+                in_flight.dec()
+                m.seconds.labels(*labels).observe(time.perf_counter() - started)
+                code = context.code() or grpc.StatusCode.OK
+                name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                m.handled.labels(*labels, name).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            measured, handler.request_deserializer, handler.response_serializer
+        )
+
+
+def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Callable[[], None]:
+    """Serve ``/metrics`` on ``port`` (0 means off); returns a function that stops it."""
+    if port == 0:
+        return lambda: None
+    server, thread = start_http_server(port, host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return stop
