@@ -1,0 +1,217 @@
+"""Header-only inspection of an image: format, declared size and EXIF orientation.
+
+The API calls :func:`probe` to decide whether to scale; the pipeline calls :func:`open_image`
+to refuse bad input before any pixel is decoded. Formats are decided by the bytes (Pillow's
+openers with an explicit allowlist), never by a file name or a declared content type.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+
+from PIL import Image, ImageFile
+
+from processor.errors import InvalidInput, TooLarge
+
+# Pillow opener names we accept, and the name we report for each decoded format. MPO
+# (multi-picture JPEG, e.g. from phone cameras) comes through the JPEG opener.
+OPENERS = ("JPEG", "PNG", "WEBP", "GIF")
+FORMAT_NAMES = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+UNSUPPORTED = "unsupported or unrecognised image format; accepted: JPEG, PNG, WebP, GIF"
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+_ORIENTATION_TAG = 0x0112
+_SHORT = 3
+# JPEG start-of-frame markers carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) do not.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the header declares: size as stored, and the EXIF orientation (1-8)."""
+
+    format: str  # "jpeg", "png", "webp" or "gif"
+    width: int
+    height: int
+    orientation: int = 1
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """Size once EXIF orientation is applied (orientations 5-8 swap the axes)."""
+        if self.orientation >= 5:
+            return self.height, self.width
+        return self.width, self.height
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe(data: bytes, max_bytes: int, max_pixels: int) -> Header:
+    """Inspect ``data`` without decoding pixels; raise InvalidInput or TooLarge to refuse it."""
+    image, header = open_image(data, max_bytes, max_pixels)
+    image.close()
+    return header
+
+
+def open_image(data: bytes, max_bytes: int, max_pixels: int) -> tuple[ImageFile.ImageFile, Header]:
+    """Like :func:`probe`, but hand back the lazily opened image for the caller to decode."""
+    if not data:
+        raise InvalidInput("empty image")
+    if len(data) > max_bytes:
+        raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    declared = declared_size(data)
+    if declared is not None:
+        _check_pixels(*declared, max_pixels)
+    image = _open(data, max_pixels)
+    try:
+        _check_pixels(image.width, image.height, max_pixels)
+        header = Header(
+            FORMAT_NAMES[image.format or ""], image.width, image.height, _orientation(image)
+        )
+    except BaseException:
+        image.close()
+        raise
+    return image, header
+
+
+def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
+    """Image.open with the allowlist; every Pillow failure becomes a one-line domain error."""
+    try:
+        return Image.open(BytesIO(data), formats=list(OPENERS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLarge(_bomb_message(str(exc), max_pixels)) from exc
+    except Image.UnidentifiedImageError as exc:
+        name = _signature(data)
+        raise InvalidInput(f"corrupt {name} header" if name else UNSUPPORTED) from exc
+    except Exception as exc:  # Pillow raises many types on hostile headers; none may escape.
+        raise InvalidInput(f"corrupt {_signature(data) or 'image'} header") from exc
+
+
+def _signature(data: bytes) -> str | None:
+    """The allowed format whose magic bytes ``data`` starts with, if any."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return "WebP" if _is_webp(data) else None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    pixels = width * height
+    if pixels > max_pixels:
+        raise TooLarge(
+            f"image is {width}x{height} ({_mp(pixels)} MP); the limit is {_mp(max_pixels)} MP"
+        )
+
+
+def _bomb_message(pillow_message: str, max_pixels: int) -> str:
+    match = _BOMB_PIXELS.search(pillow_message)
+    size = f"{_mp(int(match.group(1)))} MP" if match else "too many pixels"
+    return f"image declares {size}; the limit is {_mp(max_pixels)} MP"
+
+
+def _mp(pixels: int) -> str:
+    value = pixels / 1e6
+    return (f"{value:.1f}" if value >= 1 else f"{value:.2g}").removesuffix(".0")
+
+
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation from the header (PNG eXIf after IDAT is ignored: spec says before)."""
+    raw = image.info.get("exif")
+    return exif_orientation(raw) if isinstance(raw, bytes) else 1
+
+
+def exif_orientation(raw: bytes) -> int:
+    """Read tag 0x0112 from IFD0 of an EXIF block; 1 when absent, malformed or out of range.
+
+    A few lines of struct instead of Pillow's TIFF tag parser: hostile EXIF must not reach a
+    TIFF decoder, and a broken EXIF block should not cost the caller an otherwise good image.
+    """
+    tiff = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind, _, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag == _ORIENTATION_TAG:
+            return value if kind == _SHORT and 1 <= value <= 8 else 1
+    return 1
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height straight from the header bytes, or None when not sure.
+
+    Lets us refuse a decompression bomb with its real dimensions before Pillow runs, and
+    before Pillow's WebP opener allocates the whole canvas. Pillow's own size stays
+    authoritative: this is only an early refusal.
+    """
+    try:
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            width, height = struct.unpack_from(">II", data, 16)
+            return width, height
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            width, height = struct.unpack_from("<HH", data, 6)
+            return width, height
+        if _is_webp(data):
+            return _webp_size(data)
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size of a simple (VP8/VP8L) or extended (VP8X) WebP file."""
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return (width, height) if len(data) >= 30 else None
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and data[20:21] == b"\x2f":
+        (bits,) = struct.unpack_from("<I", data, 21)
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk the marker segments up to the first start-of-frame."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers carry no length
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        pos += 2 + length
+    return None
