@@ -38,6 +38,14 @@ def cidr(text: str) -> Network:
         raise ValueError(f"expected a CIDR range such as 10.0.0.0/8, got {text!r}") from exc
 
 
+def limit_string(text: str) -> str:
+    """Limits notation such as ``20/second;600/minute``, checked now rather than at first use."""
+    from limits import parse_many
+
+    parse_many(text)
+    return text
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     listen: str = "0.0.0.0:50051"
@@ -72,6 +80,12 @@ class ApiSettings:
     max_token_lifetime: float = 86400.0
     revocations: str = "memory://"
     ratelimit_storage: str = "memory://"
+    ratelimit_strategy: str = "sliding-window-counter"
+    ratelimit_default: str = "50/second;3000/minute"
+    pixel_limit_default: str = "2000/minute"
+    max_concurrent_per_tenant: int = 16
+    ratelimit_failure: str = "open"
+    ratelimit_timeout: float = 0.1
     result_store: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -79,6 +93,7 @@ class ApiSettings:
     workers: int = 16
     max_concurrent_rpcs: int = 256
     grace: float = 25.0
+    drain_delay: float = 1.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -227,6 +242,49 @@ def build_options() -> opt.Options:
         "memory://",
         "rate-limit counters: memory:// or redis://...",
         metavar="URI",
+    )
+    add(
+        "ratelimit-strategy",
+        "sliding-window-counter",
+        "sliding-window-counter (2 Redis keys per limit) or moving-window (exact, one sorted "
+        "set entry per request)",
+        opt.choice("sliding-window-counter", "moving-window", "fixed-window"),
+        "NAME",
+    )
+    add(
+        "ratelimit-default",
+        "50/second;3000/minute",
+        "request limits of tenants that set none (limits notation)",
+        limit_string,
+        "LIMITS",
+    )
+    add(
+        "pixel-limit-default",
+        "2000/minute",
+        "megapixels of input per period for tenants that set none",
+        limit_string,
+        "LIMITS",
+    )
+    add(
+        "max-concurrent-per-tenant",
+        16,
+        "in-flight requests per tenant per replica (tenants may set their own)",
+        opt.positive_int,
+        "N",
+    )
+    add(
+        "ratelimit-failure",
+        "open",
+        "when the rate-limit store fails: open (serve, count the failure) or closed (UNAVAILABLE)",
+        opt.choice("open", "closed"),
+        "POLICY",
+    )
+    add(
+        "ratelimit-timeout",
+        0.1,
+        "seconds for each rate-limit store call",
+        opt.positive_float,
+        "SECONDS",
     )
     add(
         "result-store",

@@ -14,8 +14,9 @@ from api import config
 from api.accesslog import AccessLogInterceptor
 from api.fetch import Fetcher, FetchPolicy
 from api.forwarding import ProcessorClient, channel_options
-from api.interceptors import AnonymousInterceptor, AuthInterceptor, require_scope
+from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_principal
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
+from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimits
 from api.service import ScalerService
 from auth.keys import KeyStore
 from auth.revocation import revocations_from_url
@@ -35,10 +36,11 @@ class Running:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    in_flight: serving.InFlight
     closers: list[object] = field(default_factory=list)
 
-    def stop(self, grace: float | None = None) -> None:
-        serving.drain(self.server, self.health, grace or 0)
+    def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        serving.drain(self.server, self.health, grace or 0, self.in_flight, delay)
         self.close()
 
     def close(self) -> None:
@@ -72,9 +74,10 @@ def fetch_policy(settings: config.ApiSettings) -> FetchPolicy:
     )
 
 
-def authentication(settings: config.ApiSettings) -> grpc.ServerInterceptor:
+def authentication(
+    settings: config.ApiSettings, tenants: TenantRegistry | None
+) -> grpc.ServerInterceptor:
     """JWT verification against the JWKS and tenant registry, or the loud legacy mode."""
-    tenants = TenantRegistry(settings.tenants) if settings.tenants else None
     if settings.auth == "none":
         return AnonymousInterceptor(tenants)
     assert settings.jwks and tenants
@@ -93,15 +96,50 @@ def authentication(settings: config.ApiSettings) -> grpc.ServerInterceptor:
     return AuthInterceptor(verifier, tenants)
 
 
+def limiter(settings: config.ApiSettings, tenants: TenantRegistry | None) -> Limiter:
+    """Per-tenant limits from the registry, defaults from the settings."""
+
+    def limits_for(tenant_id: str) -> TenantLimits:
+        tenant = tenants.get(tenant_id) if tenants else None
+        if tenant is None:
+            return TenantLimits()
+        return TenantLimits(tenant.rate_limit, tenant.pixel_limit, tenant.max_concurrent)
+
+    rate_limits = RateLimits(
+        storage=settings.ratelimit_storage,
+        strategy=settings.ratelimit_strategy,
+        default_rate=settings.ratelimit_default,
+        default_pixels=settings.pixel_limit_default,
+        default_max_concurrent=settings.max_concurrent_per_tenant,
+        failure_policy=settings.ratelimit_failure,
+        timeout=settings.ratelimit_timeout,
+    )
+    return Limiter(rate_limits, limits_for)
+
+
+def current_tenant() -> str | None:
+    principal = current_principal.get(None)
+    return principal.tenant_id if principal else None
+
+
 def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -> Running:
     """Build, bind and start the API; returns the bound port (tests listen on port 0).
 
-    The interceptor chain, outermost first: access log, authentication, rate limits.
+    The interceptor chain, outermost first: drain accounting, access log, authentication,
+    rate limits (which are per verified tenant).
     """
     channel = processor_channel(settings)
+    tenants = TenantRegistry(settings.tenants) if settings.tenants else None
+    limits = limiter(settings, tenants)
     fetcher = fetcher or Fetcher(fetch_policy(settings))
-    service = ScalerService(settings, ProcessorClient(channel), fetcher, require_scope)
-    chain = [AccessLogInterceptor(), authentication(settings)]
+    service = ScalerService(settings, ProcessorClient(channel), fetcher, limits)
+    in_flight = serving.InFlight()
+    chain = [
+        in_flight,
+        AccessLogInterceptor(),
+        authentication(settings, tenants),
+        RateLimitInterceptor(limits, current_tenant),
+    ]
     options = serving.message_options(
         settings.max_input_bytes,
         # Room for an oversized token to reach the interceptor and get a clear refusal.
@@ -112,7 +150,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, listener_credentials(settings))
     server.start()
-    return Running(server, port, servicer, [channel])
+    return Running(server, port, servicer, in_flight, [channel, limits])
 
 
 def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials | None:
@@ -133,4 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "public listener is plaintext: bearer tokens cross the network in clear; "
             "use --tls-cert/--tls-key beyond loopback development"
         )
-    serving.serve_until_signal(running.server, running.health, settings.grace, running.close)
+    serving.wait_for_signal()
+    running.stop(settings.grace, settings.drain_delay)
+
+
+if __name__ == "__main__":
+    main()

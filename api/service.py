@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -13,8 +12,11 @@ from api.config import ApiSettings
 from api.decision import decide
 from api.fetch import Fetcher
 from api.forwarding import ProcessorClient
+from api.interceptors import current, require_scope
 from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
+from api.ratelimit import Limiter, abort_for
+from auth.tenants import SCOPE_CONTENT, SCOPE_URL
 from processor import headers
 from processor.errors import DeadlineExceeded, InvalidInput, ServiceError
 from processor.pb import processor_pb2 as ppb
@@ -22,9 +24,6 @@ from processor.service import FORMAT_ENUMS, MODE_ENUMS, MODES
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 FORMAT_NAMES = {v: k for k, v in FORMAT_ENUMS.items()}
-
-# Raises PermissionDenied when the caller may not use a feature ("scale:url", ...).
-Authorizer = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -48,16 +47,12 @@ class Deadline:
 
 class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
     def __init__(
-        self,
-        settings: ApiSettings,
-        processor: ProcessorClient,
-        fetcher: Fetcher,
-        authorize: Authorizer,
+        self, settings: ApiSettings, processor: ProcessorClient, fetcher: Fetcher, limiter: Limiter
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.fetcher = fetcher
-        self.authorize = authorize
+        self.limiter = limiter
 
     def ScaleImage(
         self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
@@ -66,8 +61,7 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
             return self._scale(request, context)
         except ServiceError as exc:
             accesslog.note(reason=str(exc))
-            context.abort(exc.code, str(exc))
-            raise  # unreachable: abort raises
+            abort_for(context, exc)
 
     def _scale(
         self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
@@ -76,6 +70,7 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
         data = self._source(request.image, deadline)
         header = headers.probe(data, s.max_input_bytes, s.max_pixels)
+        self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
         decision = decide(header.oriented_size, s.target_size, s.margin, s.grayscale)
         accesslog.note(
             bytes_in=len(data),
@@ -91,11 +86,11 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
     def _source(self, image: pb.Image, deadline: Deadline) -> bytes:
         """Inline bytes win over a URL, as the contract says."""
         if image.content:
-            self.authorize("scale:content")
+            require_scope(SCOPE_CONTENT)
             accesslog.note(source="content")
             return image.content
         if image.HasField("source") and image.source.http_uri:
-            self.authorize("scale:url")
+            require_scope(SCOPE_URL)
             accesslog.note(source="url")
             fetched = self.fetcher.fetch(image.source.http_uri, deadline.remaining())
             accesslog.note(fetch_ms=round(fetched.elapsed * 1000, 1))

@@ -33,6 +33,7 @@ class ProcessorSettings:
     max_pixels: int = 64_000_000
     max_connection_age: float = 300.0
     grace: float = 25.0
+    drain_delay: float = 1.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -26,11 +26,13 @@ class Running:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    in_flight: serving.InFlight
     probe: grpc.Server | None = None
     probe_port: int | None = None
 
-    def stop(self, grace: float | None = None) -> None:
-        serving.drain(self.server, self.health, grace or 0)
+    def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        """Drain (see :func:`serving.drain`); the probe port answers NOT_SERVING meanwhile."""
+        serving.drain(self.server, self.health, grace or 0, self.in_flight, delay)
         if self.probe:
             self.probe.stop(None)
 
@@ -61,9 +63,11 @@ def credentials(settings: config.ProcessorSettings) -> grpc.ServerCredentials | 
     )
 
 
-def interceptors(settings: config.ProcessorSettings) -> list[grpc.ServerInterceptor]:
+def interceptors(
+    settings: config.ProcessorSettings, in_flight: serving.InFlight
+) -> list[grpc.ServerInterceptor]:
     """Identity check first: a caller with a disallowed certificate reaches nothing else."""
-    chain: list[grpc.ServerInterceptor] = []
+    chain: list[grpc.ServerInterceptor] = [in_flight]
     if settings.allow_client:
         chain.append(tls.PeerCheckInterceptor(tls.AllowedPeers(frozenset(settings.allow_client))))
     return chain
@@ -71,18 +75,19 @@ def interceptors(settings: config.ProcessorSettings) -> list[grpc.ServerIntercep
 
 def build_server(settings: config.ProcessorSettings) -> Running:
     """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
+    in_flight = serving.InFlight()
     server = serving.new_server(
         settings.workers,
         settings.max_concurrent_rpcs,
         server_options(settings),
-        interceptors(settings),
+        interceptors(settings, in_flight),
     )
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     processor_pb2_grpc.add_ProcessorServicer_to_server(ProcessorService(limits), server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))
     server.start()
-    running = Running(server, port, servicer)
+    running = Running(server, port, servicer, in_flight)
     if settings.probe_listen:
         running.probe, running.probe_port = tls.start_probe_server(settings.probe_listen, servicer)
     return running
@@ -95,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("serving", extra={"port": running.port, "settings": asdict(settings)})
     if settings.insecure:
         log.warning("plaintext gRPC (--insecure): for development on loopback only")
-    serving.serve_until_signal(running.server, running.health, settings.grace)
+    serving.wait_for_signal()
+    running.stop(settings.grace, settings.drain_delay)
 
 
 if __name__ == "__main__":

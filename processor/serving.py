@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import Any
@@ -40,7 +41,8 @@ def new_server(
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         interceptors=list(interceptors),
-        options=options,
+        # A second server on a port in use must fail, not silently share it.
+        options=[*options, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent,
     )
 
@@ -67,25 +69,71 @@ def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials 
     return server.add_secure_port(address, credentials)
 
 
-def drain(server: grpc.Server, servicer: health.HealthServicer, grace: float) -> None:
-    """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace``."""
-    servicer.enter_graceful_shutdown()
-    server.stop(grace).wait()
+class InFlight(grpc.ServerInterceptor):
+    """Counts unary calls in progress, so a drain need not wait out long-lived streams.
+
+    Health ``Watch`` streams (client-side health checking) stay open until cancelled; without
+    this count every shutdown would last the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def counted(request: Any, context: grpc.ServicerContext) -> Any:
+            with self._idle:
+                self._count += 1
+            try:
+                return inner(request, context)
+            finally:
+                with self._idle:
+                    self._count -= 1
+                    self._idle.notify_all()
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted, handler.request_deserializer, handler.response_serializer
+        )
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
-def serve_until_signal(
+def drain(
     server: grpc.Server,
     servicer: health.HealthServicer,
     grace: float,
-    on_stop: Callable[[], None] | None = None,
+    in_flight: InFlight | None = None,
+    delay: float = 0.0,
 ) -> None:
-    """Block until SIGTERM or SIGINT, then drain; the recipe's last step in every ``main()``."""
+    """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace``.
+
+    ``delay`` gives clients that watch our health (the API's balancer) time to route new
+    calls elsewhere before this server refuses them.
+    """
+    servicer.enter_graceful_shutdown()
+    if delay:
+        time.sleep(delay)
+    stopped = server.stop(grace)
+    log.info("draining", extra={"grace_seconds": grace})
+    if in_flight is not None and in_flight.wait_idle(grace):
+        server.stop(None)  # only streams are left: end them now
+    stopped.wait()
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("draining", extra={"grace_seconds": grace})
-    drain(server, servicer, grace)
-    if on_stop:
-        on_stop()
-    log.info("stopped")
