@@ -29,8 +29,8 @@ def note(**fields: Any) -> None:
 class AccessLogInterceptor(grpc.ServerInterceptor):
     """Logs every unary call with its final status, however the call ended."""
 
-    def __init__(self, extra: dict[str, Any] | None = None) -> None:
-        self._extra = extra or {}
+    def __init__(self, on_done: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self._on_done = on_done
 
     def intercept_service(
         self,
@@ -51,7 +51,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
                 return inner(request, context)
             finally:
                 _fields.reset(token)
-                _write(method, context, fields, started, self._extra)
+                code = _write(method, context, fields, started)
+                if self._on_done:
+                    self._on_done(code, fields)
 
         return grpc.unary_unary_rpc_method_handler(
             logged, handler.request_deserializer, handler.response_serializer
@@ -59,21 +61,19 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
 
 def _write(
-    method: str,
-    context: grpc.ServicerContext,
-    fields: dict[str, Any],
-    started: float,
-    extra: dict[str, Any],
-) -> None:
+    method: str, context: grpc.ServicerContext, fields: dict[str, Any], started: float
+) -> str:
+    """Log the request; returns its status code name."""
     code = context.code() or grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     log.info(
         "request",
         extra={
             "method": method,
             "peer": context.peer(),
-            "status": code.name if isinstance(code, grpc.StatusCode) else str(code),
+            "status": name,
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            **extra,
             **fields,
         },
     )
+    return name

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from api import accesslog
 from auth.tenants import SCOPE_CONTENT, SCOPE_URL, Tenant, TenantLookup
 from auth.tokens import AuthError, Claims, TokenVerifier
 from processor.errors import PermissionDenied, ServiceError, status_code
@@ -131,6 +132,8 @@ class AuthInterceptor(_PrincipalInterceptor):
             return self._authenticator.authenticate(context.invocation_metadata())
         except ServiceError as exc:
             _log_refusal(method, context, exc)
+            if isinstance(exc, AuthError):
+                accesslog.note(auth_failure=exc.reason)
             context.abort(status_code(exc), str(exc))
             raise  # unreachable: abort raises
 
@@ -156,8 +159,9 @@ class AnonymousInterceptor(_PrincipalInterceptor):
         )
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> Principal:
-        log.warning("auth=none: %s from %s served as tenant %r", method, context.peer(),
-                    LEGACY_TENANT)
+        log.warning(
+            "auth=none: %s from %s served as tenant %r", method, context.peer(), LEGACY_TENANT
+        )
         try:
             return legacy_principal(self._tenants)
         except PermissionDenied as exc:
@@ -214,7 +218,9 @@ def _behaviour(
 ) -> Callable[[Any, grpc.ServicerContext], Any]:
     def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
         scope = contextvars.copy_context()  # a copy: nothing leaks to the pooled thread
-        scope.run(current_principal.set, enter(context))
+        principal = enter(context)
+        accesslog.note(tenant=principal.tenant_id)
+        scope.run(current_principal.set, principal)
         result = scope.run(inner, request, context)
         return _in_context(scope, result) if response_streaming else result
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from api import config
 from api.accesslog import AccessLogInterceptor
 from api.fetch import Fetcher, FetchPolicy
 from api.forwarding import ProcessorClient, channel_options
 from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_principal
+from api.metrics import ApiMetrics
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
 from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimits
 from api.service import ScalerService
@@ -22,7 +24,8 @@ from auth.keys import KeyStore
 from auth.revocation import revocations_from_url
 from auth.tenants import TenantRegistry
 from auth.tokens import AuthSettings, TokenVerifier
-from processor import logs, serving, tls
+from processor import logs, metrics, serving, tls
+from processor.metrics import GrpcMetrics, MetricsInterceptor
 
 log = logging.getLogger("imagescaler.api")
 
@@ -37,7 +40,9 @@ class Running:
     port: int
     health: health.HealthServicer
     in_flight: serving.InFlight
+    registry: CollectorRegistry
     closers: list[object] = field(default_factory=list)
+    stop_metrics: Callable[[], None] = lambda: None
 
     def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
         serving.drain(self.server, self.health, grace or 0, self.in_flight, delay)
@@ -45,6 +50,7 @@ class Running:
 
     def close(self) -> None:
         """Release what the server used (processor channel, limiter connections)."""
+        self.stop_metrics()
         for closer in self.closers:
             closer.close()  # type: ignore[attr-defined]
 
@@ -133,10 +139,17 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     limits = limiter(settings, tenants)
     fetcher = fetcher or Fetcher(fetch_policy(settings))
     service = ScalerService(settings, ProcessorClient(channel), fetcher, limits)
-    in_flight = serving.InFlight()
+    in_flight, registry = serving.InFlight(), CollectorRegistry()
+    api_metrics = ApiMetrics(registry)
+    api_metrics.count_failures(
+        "imagescaler_ratelimit_storage_errors_total",
+        "Rate-limit store (Redis) calls that failed.",
+        lambda: limits.failures,
+    )
     chain = [
         in_flight,
-        AccessLogInterceptor(),
+        MetricsInterceptor(GrpcMetrics(registry)),
+        AccessLogInterceptor(api_metrics.record),
         authentication(settings, tenants),
         RateLimitInterceptor(limits, current_tenant),
     ]
@@ -150,7 +163,8 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, listener_credentials(settings))
     server.start()
-    return Running(server, port, servicer, in_flight, [channel, limits])
+    stop_metrics = metrics.serve(registry, settings.metrics_port)
+    return Running(server, port, servicer, in_flight, registry, [channel, limits], stop_metrics)
 
 
 def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials | None:

@@ -76,6 +76,7 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
             bytes_in=len(data),
             input_format=header.format,
             input_size=f"{header.oriented_size[0]}x{header.oriented_size[1]}",
+            megapixels=round(header.pixels / 1e6, 3),
             scaled=decision.scale,
             grayscale=decision.grayscale,
         )

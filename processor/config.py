@@ -26,7 +26,7 @@ class ProcessorSettings:
     tls_client_ca: str | None = None
     allow_client: tuple[str, ...] = ()
     probe_listen: str | None = None
-    metrics_port: int = 0
+    metrics_port: int = 5002
     workers: int = 2
     queue: int = 8
     max_input_bytes: int = 32 * 1024 * 1024
@@ -87,7 +87,7 @@ def build_options() -> opt.Options:
         opt.host_port,
         "HOST:PORT",
     )
-    o.add("metrics-port", 0, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
+    o.add("metrics-port", 5002, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
     o.add(
         "workers",
         default_workers(),

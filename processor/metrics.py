@@ -94,3 +94,49 @@ def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Call
         thread.join()
 
     return stop
+
+
+class PipelineMetrics:
+    """Where the processor's time goes, and how big its inputs are."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.stage_seconds = Histogram(
+            "imagescaler_processing_seconds",
+            "Pipeline time by stage.",
+            ("stage",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.input_megapixels = Histogram(
+            "imagescaler_input_megapixels",
+            "Declared size of processed inputs.",
+            buckets=(0.1, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+            registry=registry,
+        )
+        self.outcomes = Counter(
+            "imagescaler_processed_total",
+            "Processed images by what was done.",
+            ("scaled", "grayscale", "passthrough"),
+            registry=registry,
+        )
+
+    def observe(
+        self,
+        decode_ms: float,
+        transform_ms: float,
+        encode_ms: float,
+        megapixels: float,
+        scaled: bool,
+        grayscale: bool,
+        passthrough: bool,
+    ) -> None:
+        for stage, ms in (
+            ("decode", decode_ms),
+            ("transform", transform_ms),
+            ("encode", encode_ms),
+        ):
+            self.stage_seconds.labels(stage).observe(ms / 1000)
+        self.input_megapixels.observe(megapixels)
+        self.outcomes.labels(
+            str(scaled).lower(), str(grayscale).lower(), str(passthrough).lower()
+        ).inc()

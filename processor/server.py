@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
-from processor import config, imaging, logs, serving, tls
+from processor import config, imaging, logs, metrics, serving, tls
+from processor.metrics import GrpcMetrics, MetricsInterceptor, PipelineMetrics
 from processor.pb import processor_pb2, processor_pb2_grpc
 from processor.service import ProcessorService
 
@@ -27,6 +29,8 @@ class Running:
     port: int
     health: health.HealthServicer
     in_flight: serving.InFlight
+    registry: CollectorRegistry
+    stop_metrics: Callable[[], None]
     probe: grpc.Server | None = None
     probe_port: int | None = None
 
@@ -35,6 +39,7 @@ class Running:
         serving.drain(self.server, self.health, grace or 0, self.in_flight, delay)
         if self.probe:
             self.probe.stop(None)
+        self.stop_metrics()
 
 
 def server_options(settings: config.ProcessorSettings) -> list[tuple[str, object]]:
@@ -64,10 +69,10 @@ def credentials(settings: config.ProcessorSettings) -> grpc.ServerCredentials | 
 
 
 def interceptors(
-    settings: config.ProcessorSettings, in_flight: serving.InFlight
+    settings: config.ProcessorSettings, in_flight: serving.InFlight, registry: CollectorRegistry
 ) -> list[grpc.ServerInterceptor]:
     """Identity check first: a caller with a disallowed certificate reaches nothing else."""
-    chain: list[grpc.ServerInterceptor] = [in_flight]
+    chain: list[grpc.ServerInterceptor] = [in_flight, MetricsInterceptor(GrpcMetrics(registry))]
     if settings.allow_client:
         chain.append(tls.PeerCheckInterceptor(tls.AllowedPeers(frozenset(settings.allow_client))))
     return chain
@@ -75,19 +80,21 @@ def interceptors(
 
 def build_server(settings: config.ProcessorSettings) -> Running:
     """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
-    in_flight = serving.InFlight()
+    in_flight, registry = serving.InFlight(), CollectorRegistry()
     server = serving.new_server(
         settings.workers,
         settings.max_concurrent_rpcs,
         server_options(settings),
-        interceptors(settings, in_flight),
+        interceptors(settings, in_flight, registry),
     )
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
-    processor_pb2_grpc.add_ProcessorServicer_to_server(ProcessorService(limits), server)
+    service = ProcessorService(limits, PipelineMetrics(registry))
+    processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))
     server.start()
-    running = Running(server, port, servicer, in_flight)
+    stop_metrics = metrics.serve(registry, settings.metrics_port)
+    running = Running(server, port, servicer, in_flight, registry, stop_metrics)
     if settings.probe_listen:
         running.probe, running.probe_port = tls.start_probe_server(settings.probe_listen, servicer)
     return running

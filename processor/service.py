@@ -9,6 +9,7 @@ import grpc
 
 from processor import imaging
 from processor.errors import InvalidInput, ServiceError
+from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
 from processor.pb import processor_pb2_grpc
 
@@ -103,8 +104,9 @@ def reply_from_result(result: imaging.Result) -> pb.ProcessReply:
 class ProcessorService(processor_pb2_grpc.ProcessorServicer):
     """Runs the pipeline for each request; domain errors become precise status codes."""
 
-    def __init__(self, limits: imaging.Limits) -> None:
+    def __init__(self, limits: imaging.Limits, metrics: PipelineMetrics) -> None:
         self.limits = limits
+        self.metrics = metrics
 
     def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
         started = time.perf_counter()
@@ -125,5 +127,15 @@ class ProcessorService(processor_pb2_grpc.ProcessorServicer):
                 "ms": round((time.perf_counter() - started) * 1000, 2),
                 "scaled": result.scaled,
             },
+        )
+        t, g = result.timings, result.geometry
+        self.metrics.observe(
+            t.decode_ms,
+            t.transform_ms,
+            t.encode_ms,
+            g.original_width * g.original_height / 1e6,
+            result.scaled,
+            result.grayscale,
+            result.passthrough,
         )
         return reply_from_result(result)

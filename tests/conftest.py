@@ -36,7 +36,13 @@ def start_processor() -> Iterator[Callable[..., processor_server.Running]]:
 
     def start(**overrides: Any) -> processor_server.Running:
         settings = processor_config.ProcessorSettings(
-            **{"listen": "127.0.0.1:0", "insecure": True, "workers": 2, **overrides}
+            **{
+                "listen": "127.0.0.1:0",
+                "insecure": True,
+                "workers": 2,
+                "metrics_port": 0,
+                **overrides,
+            }
         )
         running = processor_server.build_server(settings)
         started.append(running)
@@ -105,9 +111,21 @@ class RedisProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -197,6 +197,8 @@ def test_sigterm_drains_in_flight_request() -> None:
             "debug",
             "--grace",
             "30",
+            "--metrics-port",
+            "0",
         ],
         stderr=subprocess.PIPE,
         text=True,

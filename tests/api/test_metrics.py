@@ -1,0 +1,89 @@
+"""Both services expose Prometheus metrics; scraped over HTTP after real requests."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.pb import imagescaler_pb2 as pb
+from tests.api.test_secured import Secured, small_jpeg
+from tests.stack import free_port
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_api_and_processor_metrics(tmp_path: Path, start_api, start_processor) -> None:
+    processor_port, api_port = free_port(), free_port()
+    processor = start_processor(metrics_port=processor_port)
+    secured = Secured(tmp_path, start_api, processor.port, metrics_port=api_port)
+    try:
+        token = secured.token("thumbs")  # 3 requests per minute
+        for _ in range(3):
+            secured.call(pb.Image(content=small_jpeg()), token)
+        with pytest.raises(grpc.RpcError):
+            secured.call(pb.Image(content=small_jpeg()), token)
+        with pytest.raises(grpc.RpcError):
+            secured.call(pb.Image(content=small_jpeg()), "not-a-token")
+    finally:
+        secured.channel.close()
+
+    api = scrape(api_port)
+    method = {"grpc_service": "imagescaler.ImageScaler", "grpc_method": "ScaleImage"}
+    assert value(api, "grpc_server_started_total", grpc_type="unary", **method) == 5
+    assert value(api, "grpc_server_handled_total", grpc_type="unary", grpc_code="OK", **method) == 3
+    assert (
+        value(
+            api,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_code="RESOURCE_EXHAUSTED",
+            **method,
+        )
+        == 1
+    )
+    assert value(api, "imagescaler_ratelimit_total", tenant="thumbs", result="allowed") == 3
+    assert value(api, "imagescaler_ratelimit_total", tenant="thumbs", result="denied") == 1
+    assert sum(v for (n, _), v in api.items() if n == "imagescaler_auth_failures_total") == 1
+    assert value(api, "imagescaler_decisions_total", decision="scale") == 3
+    assert value(api, "imagescaler_ratelimit_storage_errors_total") == 0
+    assert value(api, "grpc_server_handling_seconds_count", grpc_type="unary", **method) == 5
+
+    proc = scrape(processor_port)
+    assert value(proc, "imagescaler_processing_seconds_count", stage="decode") == 3
+    assert (
+        value(
+            proc,
+            "imagescaler_processed_total",
+            scaled="true",
+            grayscale="true",
+            passthrough="false",
+        )
+        == 3
+    )
+    assert (
+        value(
+            proc,
+            "grpc_server_handled_total",
+            grpc_service="imagescaler.processor.v1.Processor",
+            grpc_method="Process",
+            grpc_type="unary",
+            grpc_code="OK",
+        )
+        == 3
+    )
