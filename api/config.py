@@ -90,6 +90,7 @@ class ApiSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int = 5001
+    probe_listen: str | None = None
     workers: int = 16
     max_concurrent_rpcs: int = 256
     grace: float = 25.0

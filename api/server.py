@@ -43,13 +43,16 @@ class Running:
     registry: CollectorRegistry
     closers: list[object] = field(default_factory=list)
     stop_metrics: Callable[[], None] = lambda: None
+    probe: grpc.Server | None = None
 
     def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
         serving.drain(self.server, self.health, grace or 0, self.in_flight, delay)
         self.close()
 
     def close(self) -> None:
-        """Release what the server used (processor channel, limiter connections)."""
+        """Release what the server used (probe port, processor channel, limiter connections)."""
+        if self.probe:
+            self.probe.stop(None)
         self.stop_metrics()
         for closer in self.closers:
             closer.close()  # type: ignore[attr-defined]
@@ -164,7 +167,10 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     port = serving.bind(server, settings.listen, listener_credentials(settings))
     server.start()
     stop_metrics = metrics.serve(registry, settings.metrics_port)
-    return Running(server, port, servicer, in_flight, registry, [channel, limits], stop_metrics)
+    running = Running(server, port, servicer, in_flight, registry, [channel, limits], stop_metrics)
+    if settings.probe_listen:
+        running.probe, _ = tls.start_probe_server(settings.probe_listen, servicer)
+    return running
 
 
 def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials | None:
