@@ -38,6 +38,19 @@ def cidr(text: str) -> Network:
         raise ValueError(f"expected a CIDR range such as 10.0.0.0/8, got {text!r}") from exc
 
 
+def gs_uri(text: str) -> str:
+    from api.results import parse_gs_uri
+
+    parse_gs_uri(text)
+    return text
+
+
+def signing_lifetime(text: str) -> int:
+    from api.signing import lifetime
+
+    return lifetime(text)
+
+
 def limit_string(text: str) -> str:
     """Limits notation such as ``20/second;600/minute``, checked now rather than at first use."""
     from limits import parse_many
@@ -87,6 +100,10 @@ class ApiSettings:
     ratelimit_failure: str = "open"
     ratelimit_timeout: float = 0.1
     result_store: str | None = None
+    result_url_lifetime: int = 900
+    result_signing_key: str | None = None
+    result_signing_email: str | None = None
+    result_fallback_inline: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int = 5001
@@ -291,7 +308,35 @@ def build_options() -> opt.Options:
         "result-store",
         None,
         "store results and return signed URLs: gs://BUCKET/PREFIX",
-        metavar="URI",
+        gs_uri,
+        "URI",
+    )
+    add(
+        "result-url-lifetime",
+        900,
+        "seconds a signed result URL works (at most 604800, GCS's limit)",
+        signing_lifetime,
+        "SECONDS",
+    )
+    add(
+        "result-signing-key",
+        None,
+        "service-account JSON key that signs URLs; without it, signing goes through IAM "
+        "signBlob as the pod's Workload Identity",
+        opt.existing_file,
+        "FILE",
+    )
+    add(
+        "result-signing-email",
+        None,
+        "service account that signs through IAM signBlob (default: the pod's own)",
+        metavar="EMAIL",
+    )
+    add(
+        "result-fallback-inline",
+        False,
+        "when storage fails, deliver the result inline (reply says so) instead of UNAVAILABLE",
+        kind="bool",
     )
     add("tls-cert", None, "certificate for TLS on the public listener", opt.existing_file, "FILE")
     add("tls-key", None, "private key for TLS on the public listener", opt.existing_file, "FILE")

@@ -19,6 +19,7 @@ from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_prin
 from api.metrics import ApiMetrics
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
 from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimits
+from api.results import ResultStore, StoreSettings, store_from_uri
 from api.service import ScalerService
 from auth.keys import KeyStore
 from auth.revocation import revocations_from_url
@@ -126,6 +127,18 @@ def limiter(settings: config.ApiSettings, tenants: TenantRegistry | None) -> Lim
     return Limiter(rate_limits, limits_for)
 
 
+def result_store(settings: config.ApiSettings) -> ResultStore:
+    """GCS when ``--result-store gs://...`` is set; otherwise a store that refuses (off)."""
+    return store_from_uri(
+        settings.result_store,
+        StoreSettings(
+            url_lifetime=settings.result_url_lifetime,
+            signing_key=settings.result_signing_key,
+            signing_email=settings.result_signing_email,
+        ),
+    )
+
+
 def current_tenant() -> str | None:
     principal = current_principal.get(None)
     return principal.tenant_id if principal else None
@@ -141,7 +154,8 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     tenants = TenantRegistry(settings.tenants) if settings.tenants else None
     limits = limiter(settings, tenants)
     fetcher = fetcher or Fetcher(fetch_policy(settings))
-    service = ScalerService(settings, ProcessorClient(channel), fetcher, limits)
+    store = result_store(settings)
+    service = ScalerService(settings, ProcessorClient(channel), fetcher, limits, store)
     in_flight, registry = serving.InFlight(), CollectorRegistry()
     api_metrics = ApiMetrics(registry)
     api_metrics.count_failures(

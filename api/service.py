@@ -16,9 +16,16 @@ from api.interceptors import current, require_scope
 from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
 from api.ratelimit import Limiter, abort_for
-from auth.tenants import SCOPE_CONTENT, SCOPE_URL
+from api.results import ResultStore
+from auth.tenants import SCOPE_CONTENT, SCOPE_STORE, SCOPE_URL, Tenant
 from processor import headers
-from processor.errors import DeadlineExceeded, InvalidInput, ServiceError
+from processor.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    PermissionDenied,
+    ServiceError,
+    Unavailable,
+)
 from processor.pb import processor_pb2 as ppb
 from processor.service import FORMAT_ENUMS, MODE_ENUMS, MODES
 
@@ -47,12 +54,18 @@ class Deadline:
 
 class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
     def __init__(
-        self, settings: ApiSettings, processor: ProcessorClient, fetcher: Fetcher, limiter: Limiter
+        self,
+        settings: ApiSettings,
+        processor: ProcessorClient,
+        fetcher: Fetcher,
+        limiter: Limiter,
+        store: ResultStore,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.fetcher = fetcher
         self.limiter = limiter
+        self.store = store
 
     def ScaleImage(
         self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
@@ -68,6 +81,7 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
     ) -> pb.ScaleImageReply:
         s = self.settings
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
+        delivery = delivery_for(request.delivery, current().tenant)
         data = self._source(request.image, deadline)
         header = headers.probe(data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
@@ -82,7 +96,40 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
         )
         reply = self.processor.process(self._job(data, decision.scale), deadline.remaining())
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
-        return pb.ScaleImageReply(content=reply.image, info=info_from(reply))
+        out = pb.ScaleImageReply(info=info_from(reply))
+        if delivery.store:
+            self._store(out, reply.image, deadline)
+        if delivery.inline or out.storage_fallback:
+            out.content = reply.image
+        return out
+
+    def _store(self, out: pb.ScaleImageReply, image: bytes, deadline: Deadline) -> None:
+        """Upload and sign; on storage trouble fall back to inline delivery if configured."""
+        started = time.perf_counter()
+        try:
+            stored = self.store.put(
+                current().tenant_id,
+                image,
+                out.info.content_type,
+                out.info.format,
+                deadline.expires,
+            )
+        except Unavailable:
+            if not self.settings.result_fallback_inline:
+                raise
+            accesslog.note(storage="fallback-inline")
+            out.storage_fallback = True
+            return
+        accesslog.note(upload_ms=round((time.perf_counter() - started) * 1000, 1))
+        out.stored.CopyFrom(
+            pb.StoredResult(
+                url=stored.url,
+                expires_unix=stored.expires_unix,
+                size=stored.size,
+                content_type=stored.content_type,
+                sha256=stored.sha256,
+            )
+        )
 
     def _source(self, image: pb.Image, deadline: Deadline) -> bytes:
         """Inline bytes win over a URL, as the contract says."""
@@ -113,6 +160,28 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
                 )
             )
         return request
+
+
+@dataclass(frozen=True)
+class Delivery:
+    store: bool
+    inline: bool
+
+
+def delivery_for(asked: int, tenant: Tenant) -> Delivery:
+    """What the caller gets, from what it asked and its tenant's storage policy.
+
+    A tenant that requires storage still gets inline bytes when it did not ask for a URL, so
+    its old clients keep working.
+    """
+    if asked not in (pb.DELIVERY_INLINE, pb.DELIVERY_URL, pb.DELIVERY_URL_AND_INLINE):
+        raise InvalidInput(f"unknown delivery {asked}")
+    if asked == pb.DELIVERY_INLINE:
+        return Delivery(store=tenant.storage == "require", inline=True)
+    if tenant.storage == "forbid":
+        raise PermissionDenied(f"result storage is not enabled for tenant {tenant.id}")
+    require_scope(SCOPE_STORE)
+    return Delivery(store=True, inline=asked == pb.DELIVERY_URL_AND_INLINE)
 
 
 def info_from(reply: ppb.ProcessReply) -> pb.ProcessingInfo:

@@ -22,8 +22,10 @@ import grpc
 
 from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
+from tools.signedurl import FetchError, fetch_signed
 
 MAX_MESSAGE = 64 * 1024 * 1024
+RATE_LIMIT_KEYS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Result:
     info: pb.ProcessingInfo
     metadata: dict[str, str]
     seconds: float
+    reply: pb.ScaleImageReply
 
 
 class ScalerClient:
@@ -53,7 +56,11 @@ class ScalerClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def scale(
-        self, content: bytes | None = None, url: str | None = None, timeout: float = 30.0
+        self,
+        content: bytes | None = None,
+        url: str | None = None,
+        timeout: float = 30.0,
+        delivery: int = pb.DELIVERY_INLINE,
     ) -> Result:
         """Scale inline bytes or a URL; raises ``grpc.RpcError`` with the server's status."""
         image = pb.Image(content=content or b"")
@@ -61,11 +68,13 @@ class ScalerClient:
             image.source.http_uri = url
         started = time.perf_counter()
         reply, call = self.stub.ScaleImage.with_call(
-            pb.ScaleImageRequest(image=image), timeout=timeout, metadata=self.metadata
+            pb.ScaleImageRequest(image=image, delivery=delivery),
+            timeout=timeout,
+            metadata=self.metadata,
         )
         meta = {k: v for k, v in (call.trailing_metadata() or ()) if isinstance(v, str)}
         meta.update({k: v for k, v in (call.initial_metadata() or ()) if isinstance(v, str)})
-        return Result(reply.content, reply.info, meta, time.perf_counter() - started)
+        return Result(reply.content, reply.info, meta, time.perf_counter() - started, reply)
 
     def close(self) -> None:
         self.channel.close()
@@ -123,27 +132,94 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls", action="store_true", help="TLS with the system roots")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="ask for signed-URL delivery: print the URL and its expiry",
+    )
+    p.add_argument(
+        "--fetch",
+        action="store_true",
+        help="with --store: download the result through the signed URL into --out",
+    )
+    p.add_argument(
+        "--retry",
+        type=int,
+        default=0,
+        metavar="N",
+        help="retry up to N times when rate limited, waiting retry-after seconds",
+    )
     return p
+
+
+def scale_with_retry(
+    client: ScalerClient, args: argparse.Namespace, content: bytes | None
+) -> Result:
+    """Honour ``retry-after`` on RESOURCE_EXHAUSTED, at most ``args.retry`` times."""
+    delivery = pb.DELIVERY_URL if args.store else pb.DELIVERY_INLINE
+    for attempt in range(args.retry + 1):
+        try:
+            return client.scale(content, args.url, args.timeout, delivery)
+        except grpc.RpcError as exc:
+            trailers = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+            print_limits(trailers)
+            wait = trailers.get("retry-after")
+            limited = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            if not (limited and wait and attempt < args.retry):
+                raise
+            print(f"rate limited; retrying in {wait} s", file=sys.stderr)
+            time.sleep(float(wait))
+    raise AssertionError("unreachable")
+
+
+def print_limits(metadata: dict[str, str]) -> None:
+    shown = [f"{k}={metadata[k]}" for k in RATE_LIMIT_KEYS if k in metadata]
+    if shown:
+        print("ratelimit  " + " ".join(shown), file=sys.stderr)
+
+
+def deliver(result: Result, args: argparse.Namespace) -> None:
+    """Write the inline bytes, or print (and with --fetch download) the signed URL."""
+    stored = result.reply.stored
+    if args.store:
+        expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_unix))
+        print(
+            f"url        {stored.url}\nexpires    {expiry}\nsize       {stored.size} bytes "
+            f"{stored.content_type}"
+        )
+        if not args.fetch:
+            return
+        data = fetch_signed(
+            stored.url, stored.size, stored.content_type, args.timeout, stored.sha256
+        )
+    else:
+        data = result.content
+    Path(args.out).write_bytes(data)
+    print(f"wrote      {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.file and not args.url:
         parser().error("give an image FILE or --url")
-    token = args.token
-    if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+    if args.fetch and not args.store:
+        parser().error("--fetch needs --store")
+    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
     ca = Path(args.ca).read_bytes() if args.ca else None
     content = Path(args.file).read_bytes() if args.file else None
     with ScalerClient(args.server, token, ca, args.tls) as client:
         try:
-            result = client.scale(content, args.url, args.timeout)
+            result = scale_with_retry(client, args, content)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
-    Path(args.out).write_bytes(result.content)
     print(describe(result))
-    print(f"wrote      {args.out}")
+    print_limits(result.metadata)
+    try:
+        deliver(result, args)
+    except FetchError as exc:
+        print(f"error: fetching the signed URL: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
