@@ -66,7 +66,10 @@ def _write(
     """Log the request; returns its status code name."""
     code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    log.info(
+    # Unauthenticated service (--auth none) is loud on every line.
+    level = logging.WARNING if fields.get("auth") == "none" else logging.INFO
+    log.log(
+        level,
         "request",
         extra={
             "method": method,

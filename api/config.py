@@ -115,7 +115,7 @@ class ApiSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+        if Image.MAX_IMAGE_PIXELS and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS}")
         client_tls = (self.processor_ca, self.processor_cert, self.processor_key)
         if self.processor_insecure and any(client_tls):

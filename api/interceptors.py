@@ -159,9 +159,7 @@ class AnonymousInterceptor(_PrincipalInterceptor):
         )
 
     def _enter(self, method: str, context: grpc.ServicerContext) -> Principal:
-        log.warning(
-            "auth=none: %s from %s served as tenant %r", method, context.peer(), LEGACY_TENANT
-        )
+        accesslog.note(auth="none")  # the request's log line becomes a warning
         try:
             return legacy_principal(self._tenants)
         except PermissionDenied as exc:

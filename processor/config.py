@@ -37,7 +37,7 @@ class ProcessorSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+        if Image.MAX_IMAGE_PIXELS and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(
                 f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS} (Pillow's bomb limit)"
             )

@@ -60,7 +60,7 @@ class ScalerClient:
         content: bytes | None = None,
         url: str | None = None,
         timeout: float = 30.0,
-        delivery: int = pb.DELIVERY_INLINE,
+        delivery: pb.Delivery = pb.DELIVERY_INLINE,
     ) -> Result:
         """Scale inline bytes or a URL; raises ``grpc.RpcError`` with the server's status."""
         image = pb.Image(content=content or b"")

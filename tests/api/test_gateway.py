@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import ipaddress
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -180,3 +181,13 @@ def test_processor_down_is_unavailable_fast(start_api) -> None:
 def test_deadline_exceeded_while_processing(api, sample_jpeg: bytes) -> None:
     code, _ = status_of(api.port, pb.Image(content=sample_jpeg), timeout=0.001)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_request_log_line_without_secrets(api, sample_jpeg: bytes, caplog) -> None:
+    """One line per request; with --auth none it is a warning that says so."""
+    with caplog.at_level(logging.INFO, logger="imagescaler.access"):
+        call(api.port, pb.Image(content=sample_jpeg))
+    (record,) = [r for r in caplog.records if r.name == "imagescaler.access"]
+    assert record.levelno == logging.WARNING and record.auth == "none"
+    assert record.status == "OK" and record.scaled is True and record.bytes_in == len(sample_jpeg)
+    assert record.method == "/imagescaler.ImageScaler/ScaleImage" and record.latency_ms > 0
