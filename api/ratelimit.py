@@ -63,6 +63,7 @@ from limits.strategies import STRATEGIES, RateLimiter, SlidingWindowCounterRateL
 
 from api import accesslog
 from processor.errors import ServiceError, TooLarge
+from processor.serving import Behaviour, UnaryInterceptor
 
 log = logging.getLogger("imagescaler.ratelimit")
 
@@ -499,41 +500,29 @@ def _merged(existing: Any, extra: Metadata) -> Metadata:
     return current + tuple((k, v) for k, v in extra if k not in present)
 
 
-class RateLimitInterceptor(grpc.ServerInterceptor):
+class RateLimitInterceptor(UnaryInterceptor):
     """Admits each unary call for the verified tenant; must run inside authentication."""
 
     def __init__(self, limiter: Limiter, tenant_of: Callable[[], str | None]) -> None:
         self._limiter = limiter
         self._tenant_of = tenant_of
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or handler_call_details.method.startswith(SKIPPED_METHODS)
-        ):
-            return handler
-        inner = handler.unary_unary
+    def applies(self, method: str) -> bool:
+        return not method.startswith(SKIPPED_METHODS)
 
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         def limited(request: Any, context: grpc.ServicerContext) -> Any:
             admission = self._admit(context)
             with admission:
                 try:
-                    return inner(request, context)
+                    return behaviour(request, context)
                 finally:
                     # Also after an abort: the status leaves only when this frame unwinds.
                     context.set_trailing_metadata(
                         _merged(context.trailing_metadata(), admission.metadata())
                     )
 
-        return grpc.unary_unary_rpc_method_handler(
-            limited, handler.request_deserializer, handler.response_serializer
-        )
+        return limited
 
     def _admit(self, context: grpc.ServicerContext) -> Admission:
         try:

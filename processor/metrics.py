@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from processor.serving import Behaviour, UnaryInterceptor
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -45,41 +47,35 @@ class GrpcMetrics:
         )
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(UnaryInterceptor):
     """Counts and times every unary call, whatever status it ends with."""
 
     def __init__(self, metrics: GrpcMetrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        inner, m = handler.unary_unary, self.metrics
-        labels = (service, method, "unary")
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        service, _, name = method.lstrip("/").rpartition("/")
+        m, labels = self.metrics, (service, name, "unary")
 
         def measured(request: Any, context: grpc.ServicerContext) -> Any:
             m.started.labels(*labels).inc()
-            in_flight = m.in_flight.labels(service, method)
+            in_flight = m.in_flight.labels(service, name)
             in_flight.inc()
             started = time.perf_counter()
             try:
-                return inner(request, context)
+                return behaviour(request, context)
             finally:
                 in_flight.dec()
                 m.seconds.labels(*labels).observe(time.perf_counter() - started)
-                code = context.code() or grpc.StatusCode.OK
-                name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                m.handled.labels(*labels, name).inc()
+                m.handled.labels(*labels, code_name(context)).inc()
 
-        return grpc.unary_unary_rpc_method_handler(
-            measured, handler.request_deserializer, handler.response_serializer
-        )
+        return measured
+
+
+def code_name(context: grpc.ServicerContext) -> str:
+    """The status the call ended with (OK unless the handler set or aborted with another)."""
+    code = context.code() or grpc.StatusCode.OK
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
 def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Callable[[], None]:

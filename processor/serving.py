@@ -69,7 +69,39 @@ def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials 
     return server.add_secure_port(address, credentials)
 
 
-class InFlight(grpc.ServerInterceptor):
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class UnaryInterceptor(grpc.ServerInterceptor):
+    """Base for interceptors that wrap each unary call's behaviour; streams pass untouched.
+
+    The wrapper runs on the worker thread with the call's context, unlike
+    ``intercept_service`` itself, which gRPC runs on its dispatch thread.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not self.applies(method):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self.wrap(method, handler.unary_unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        raise NotImplementedError
+
+
+class InFlight(UnaryInterceptor):
     """Counts unary calls in progress, so a drain need not wait out long-lived streams.
 
     Health ``Watch`` streams (client-side health checking) stay open until cancelled; without
@@ -80,29 +112,21 @@ class InFlight(grpc.ServerInterceptor):
         self._count = 0
         self._idle = threading.Condition()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         def counted(request: Any, context: grpc.ServicerContext) -> Any:
             with self._idle:
                 self._count += 1
-            try:
-                return inner(request, context)
-            finally:
-                with self._idle:
-                    self._count -= 1
-                    self._idle.notify_all()
+            # Counted until the call has terminated, i.e. its response has been sent too.
+            if not context.add_callback(self._done):
+                self._done()
+            return behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            counted, handler.request_deserializer, handler.response_serializer
-        )
+        return counted
+
+    def _done(self) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
