@@ -355,20 +355,7 @@ def build_options() -> opt.Options:
         opt.positive_int,
         "N",
     )
-    add(
-        "grace",
-        25.0,
-        "seconds in-flight requests get to finish on SIGTERM",
-        opt.positive_float,
-        "SECONDS",
-    )
-    add(
-        "log-level",
-        "info",
-        "debug, info, warning or error",
-        opt.choice("debug", "info", "warning", "error"),
-        "LEVEL",
-    )
+    o.add_lifecycle()
     return o
 
 
@@ -376,12 +363,4 @@ def load(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ApiSettings:
     """Build settings from flags, environment and config file; exit 2 naming a bad option."""
-    o = build_options()
-    values = o.parse(argv, environ)
-    values["allow_source_cidr"] = tuple(values["allow_source_cidr"])
-    values["token_algorithms"] = tuple(values["token_algorithms"])
-    try:
-        return ApiSettings(**values)
-    except ValueError as exc:
-        o.fail(str(exc))
-        raise
+    return build_options().build(ApiSettings, argv, environ)

@@ -185,22 +185,10 @@ def delivery_for(asked: int, tenant: Tenant) -> Delivery:
 
 
 def info_from(reply: ppb.ProcessReply) -> pb.ProcessingInfo:
-    g, t = reply.geometry, reply.timings
+    """The processor's geometry fields have the same names in the public reply."""
     fmt = FORMAT_NAMES.get(reply.format, "jpeg")
-    return pb.ProcessingInfo(
-        original_width=g.original_width,
-        original_height=g.original_height,
-        orientation=g.orientation,
-        output_width=g.output_width,
-        output_height=g.output_height,
-        scale_x=g.scale_x,
-        scale_y=g.scale_y,
-        crop_x=g.crop_x,
-        crop_y=g.crop_y,
-        crop_width=g.crop_width,
-        crop_height=g.crop_height,
-        pad_x=g.pad_x,
-        pad_y=g.pad_y,
+    t = reply.timings
+    info = pb.ProcessingInfo(
         scaled=reply.scaled,
         grayscale=reply.grayscale,
         format=fmt,
@@ -210,3 +198,6 @@ def info_from(reply: ppb.ProcessReply) -> pb.ProcessingInfo:
         passthrough=reply.passthrough,
         processing_ms=t.decode_ms + t.transform_ms + t.encode_ms,
     )
+    for field in ppb.Geometry.DESCRIPTOR.fields:
+        setattr(info, field.name, getattr(reply.geometry, field.name))
+    return info

@@ -111,20 +111,7 @@ def build_options() -> opt.Options:
         opt.positive_float,
         "SECONDS",
     )
-    o.add(
-        "grace",
-        25.0,
-        "seconds in-flight requests get to finish on SIGTERM",
-        opt.positive_float,
-        "SECONDS",
-    )
-    o.add(
-        "log-level",
-        "info",
-        "debug, info, warning or error",
-        opt.choice("debug", "info", "warning", "error"),
-        "LEVEL",
-    )
+    o.add_lifecycle()
     return o
 
 
@@ -132,11 +119,4 @@ def load(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ProcessorSettings:
     """Build settings from flags, environment and config file; exit 2 naming a bad option."""
-    o = build_options()
-    values = o.parse(argv, environ)
-    values["allow_client"] = tuple(values["allow_client"])
-    try:
-        return ProcessorSettings(**values)
-    except ValueError as exc:
-        o.fail(str(exc))
-        raise
+    return build_options().build(ProcessorSettings, argv, environ)

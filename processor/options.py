@@ -15,7 +15,9 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ENV_PREFIX = "IMAGESCALER_"
 
@@ -99,6 +101,48 @@ class Options:
 
     def fail(self, message: str) -> None:
         self.parser.error(message)
+
+    def build(
+        self,
+        factory: Callable[..., T],
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> T:
+        """Parse, then build the frozen settings object; its ValueError exits naming the option."""
+        values = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in self.parse(argv, environ).items()
+        }
+        try:
+            return factory(**values)
+        except ValueError as exc:
+            self.fail(str(exc))
+            raise
+
+    def add_lifecycle(self) -> None:
+        """Options every server has: drain timing and log level."""
+        self.add(
+            "grace",
+            25.0,
+            "seconds in-flight requests get to finish on SIGTERM",
+            positive_float,
+            "SECONDS",
+        )
+        self.add(
+            "drain-delay",
+            1.0,
+            "seconds between reporting NOT_SERVING and refusing new "
+            "calls on SIGTERM, so balancers route elsewhere first",
+            float,
+            "SECONDS",
+        )
+        self.add(
+            "log-level",
+            "info",
+            "debug, info, warning or error",
+            choice("debug", "info", "warning", "error"),
+            "LEVEL",
+        )
 
     def _resolve(
         self, spec: _Spec, given: dict[str, Any], environ: Mapping[str, str], file: dict[str, Any]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 import grpc
 
@@ -68,35 +69,17 @@ def job_from_request(request: pb.ProcessRequest) -> imaging.Job:
 
 
 def reply_from_result(result: imaging.Result) -> pb.ProcessReply:
-    g = result.geometry
+    """The pipeline's dataclasses carry the proto's field names, so they copy by name."""
     return pb.ProcessReply(
         image=result.data,
-        geometry=pb.Geometry(
-            original_width=g.original_width,
-            original_height=g.original_height,
-            orientation=g.orientation,
-            output_width=g.output_width,
-            output_height=g.output_height,
-            scale_x=g.scale_x,
-            scale_y=g.scale_y,
-            crop_x=g.crop_x,
-            crop_y=g.crop_y,
-            crop_width=g.crop_width,
-            crop_height=g.crop_height,
-            pad_x=g.pad_x,
-            pad_y=g.pad_y,
-        ),
+        geometry=pb.Geometry(**asdict(result.geometry)),
         format=FORMAT_ENUMS[result.format],
         scaled=result.scaled,
         grayscale=result.grayscale,
         mode=MODE_ENUMS[result.mode] if result.scaled and result.mode else pb.FIT_MODE_UNSPECIFIED,
         color=result.color,
         passthrough=result.passthrough,
-        timings=pb.Timings(
-            decode_ms=result.timings.decode_ms,
-            transform_ms=result.timings.transform_ms,
-            encode_ms=result.timings.encode_ms,
-        ),
+        timings=pb.Timings(**asdict(result.timings)),
         input_format=result.input_format,
     )
 
