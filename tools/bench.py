@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.metadata
 import io
 import json
@@ -277,44 +278,53 @@ def open_loop(start: Callable[[], grpc.Future], rate: float, duration: float) ->
     return loop
 
 
-def measured(row: dict[str, Any], procs: Sequence[Proc], run: Callable[[], Loop]) -> dict[str, Any]:
-    """Run one phase and add throughput, latency, CPU per image and peak RSS to ``row``."""
-    for proc in procs:
-        proc.reset_peak()
-    before = {p.name: (p.cpu_seconds(), p.memory_mb("VmRSS")) for p in procs}
-    loop = run()
-    images = len(loop.latencies_ms)
-    cpu = {p.name: (p.cpu_seconds() - before[p.name][0]) * 1000 for p in procs}
-    row.update(
-        images=images,
-        errors=loop.errors,
-        seconds=round(loop.seconds, 3),
-        images_per_s=round(images / loop.seconds, 2) if loop.seconds else 0.0,
-        latency_ms=latency_summary(loop.latencies_ms),
-        cpu_ms_per_image={k: round(v / max(images, 1), 2) for k, v in cpu.items()},
-        rss_mb={
-            p.name: {"before": round(before[p.name][1], 1), "peak": round(p.memory_mb("VmHWM"), 1)}
-            for p in procs
-        },
-    )
-    if loop.late:
-        row["late_starts"] = loop.late
-    return row
+@dataclass
+class Tally:
+    """One workload in one mode, measured over several slices interleaved with the other
+    modes, so a noisy neighbour slows every mode alike instead of ruining one of them."""
 
+    procs: Sequence[Proc]
+    loop: Loop = field(default_factory=Loop)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    rss_before: dict[str, float] = field(default_factory=dict)
+    rss_peak: dict[str, float] = field(default_factory=dict)
 
-# --- in-process modes ---------------------------------------------------------------------------
+    def measure(self, run: Callable[[], Loop]) -> None:
+        """Run one slice; CPU and wall time add up, the peak RSS is the highest slice's."""
+        for proc in self.procs:
+            proc.reset_peak()
+            self.rss_before.setdefault(proc.name, proc.memory_mb("VmRSS"))
+        before = {p.name: p.cpu_seconds() for p in self.procs}
+        loop = run()
+        for p in self.procs:
+            self.cpu_s[p.name] = self.cpu_s.get(p.name, 0.0) + p.cpu_seconds() - before[p.name]
+            self.rss_peak[p.name] = max(self.rss_peak.get(p.name, 0.0), p.memory_mb("VmHWM"))
+        self.loop.latencies_ms += loop.latencies_ms
+        self.loop.errors += loop.errors
+        self.loop.seconds += loop.seconds
+        self.loop.late += loop.late
 
-
-def in_process(mode: str, workload: Workload, data: bytes, threads: int, duration: float) -> dict:
-    """engine or naive from ``threads`` threads of this process, after a short warm-up."""
-    pipeline = engine if mode == "engine" else naive
-    for _ in range(threads):
-        pipeline(data, workload)
-    row: dict[str, Any] = {"workload": workload.name, "mode": mode, "concurrency": threads}
-    me = Proc("bench", os.getpid())
-    return measured(
-        row, [me], lambda: closed_loop(lambda: pipeline(data, workload), threads, duration)
-    )
+    def row(self, base: dict[str, Any]) -> dict[str, Any]:
+        """Throughput, latency, CPU per image and peak RSS of every process watched."""
+        images, seconds = len(self.loop.latencies_ms), self.loop.seconds
+        row = {
+            **base,
+            "images": images,
+            "errors": self.loop.errors,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 2) if seconds else 0.0,
+            "latency_ms": latency_summary(self.loop.latencies_ms),
+            "cpu_ms_per_image": {
+                k: round(v * 1000 / max(images, 1), 2) for k, v in self.cpu_s.items()
+            },
+            "rss_mb": {
+                k: {"before": round(self.rss_before[k], 1), "peak": round(v, 1)}
+                for k, v in self.rss_peak.items()
+            },
+        }
+        if self.loop.late:
+            row["late_starts"] = self.loop.late
+        return row
 
 
 # --- the real stack -----------------------------------------------------------------------------
@@ -527,42 +537,84 @@ class Caller:
         return stub.ScaleImage.future(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT)
 
 
-def e2e(
-    stack: Stack, workload: Workload, data: bytes, args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Closed loop at --concurrency, then open loop at --rate (default 70% of that peak)."""
-    caller = Caller.to(stack.api.port, data, stack.token)
-    try:
+SliceRunner = Callable[[float], Loop]
+
+
+def phases(
+    workload: Workload,
+    data: bytes,
+    args: argparse.Namespace,
+    stack: Stack | None,
+    caller: Caller | None,
+) -> dict[str, tuple[Tally, SliceRunner]]:
+    """Each mode asked for, warmed up: its tally and how to run one slice of it."""
+    out: dict[str, tuple[Tally, SliceRunner]] = {}
+    me = [Proc("bench", os.getpid())]
+    for mode, pipeline in (("engine", engine), ("naive", naive)):
+        if mode in args.mode:
+            call = functools.partial(pipeline, data, workload)
+            for _ in range(args.threads):
+                call()  # first-use imports and allocations: not part of the numbers
+            out[mode] = (Tally(me), functools.partial(closed_loop, call, args.threads))
+    if stack and caller:
         for _ in range(2 * args.concurrency):
-            caller.call()  # connections, TLS, first-use imports: not part of the numbers
-        base = {"workload": workload.name, "mode": "e2e"}
-        closed = measured(
-            {**base, "loop": "closed", "concurrency": args.concurrency},
-            stack.procs(),
-            lambda: closed_loop(caller.call, args.concurrency, args.duration),
+            caller.call()  # connections, TLS handshakes, first-use imports
+        out["e2e"] = (
+            Tally(stack.procs()),
+            functools.partial(closed_loop, caller.call, args.concurrency),
         )
-        closed["idle_rss_mb"] = {k: round(v, 1) for k, v in stack.idle_rss_mb.items()}
-        rate = args.rate or closed["images_per_s"] * OPEN_LOOP_FRACTION
-        if rate <= 0:
-            return [closed]
-        opened = measured(
-            {
-                **base,
-                "loop": "open",
-                "rate": round(rate, 2),
-                "peak_fraction": _fraction(rate, closed),
-            },
-            stack.procs(),
-            lambda: open_loop(caller.start, rate, args.duration),
-        )
-        return [closed, opened]
+    return out
+
+
+def workload_rows(
+    workload: Workload, data: bytes, args: argparse.Namespace, stack: Stack | None
+) -> list[dict[str, Any]]:
+    """Interleaved slices of every mode, then (e2e) the open loop at --rate or 70% of peak."""
+    caller = Caller.to(stack.api.port, data, stack.token) if stack else None
+    try:
+        modes = phases(workload, data, args, stack, caller)
+        _progress(f"{workload.name}: {', '.join(modes)} in {args.rounds} interleaved rounds")
+        for _ in range(args.rounds):
+            for tally, run_slice in modes.values():
+                tally.measure(functools.partial(run_slice, args.duration / args.rounds))
+        rows = [
+            _closed_row(workload, mode, tally, args, stack) for mode, (tally, _) in modes.items()
+        ]
+        if stack and caller:
+            rows.append(_open_row(workload, rows[-1], caller, stack, args))
+        return rows
     finally:
-        caller.channel.close()
+        if caller:
+            caller.channel.close()
 
 
-def _fraction(rate: float, closed: dict[str, Any]) -> float:
+def _closed_row(
+    workload: Workload, mode: str, tally: Tally, args: argparse.Namespace, stack: Stack | None
+) -> dict[str, Any]:
+    if mode != "e2e":
+        return tally.row({"workload": workload.name, "mode": mode, "concurrency": args.threads})
+    row = tally.row(
+        {"workload": workload.name, "mode": mode, "loop": "closed", "concurrency": args.concurrency}
+    )
+    assert stack
+    row["idle_rss_mb"] = {k: round(v, 1) for k, v in stack.idle_rss_mb.items()}
+    return row
+
+
+def _open_row(
+    workload: Workload,
+    closed: dict[str, Any],
+    caller: Caller,
+    stack: Stack,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     peak = closed["images_per_s"]
-    return round(rate / peak, 2) if peak else 0.0
+    rate = args.rate or peak * OPEN_LOOP_FRACTION
+    _progress(f"{workload.name}: e2e open loop at {rate:.1f}/s")
+    tally = Tally(stack.procs())
+    tally.measure(lambda: open_loop(caller.start, rate, args.duration))
+    base = {"workload": workload.name, "mode": "e2e", "loop": "open", "rate": round(rate, 2)}
+    return tally.row({**base, "peak_fraction": round(rate / peak, 2) if peak else 0.0})
 
 
 def auth_overhead(stack: Stack, data: bytes, duration: float) -> dict[str, Any]:
@@ -824,7 +876,15 @@ def parser() -> argparse.ArgumentParser:
         type=lambda t: _names(t, MODES, "mode"),
         help="engine, naive, e2e, a comma-separated list, or all (default)",
     )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per mode and workload (default 10)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="slices each --duration is cut into, interleaved across modes (default 5)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -877,13 +937,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "imagescaler-bench " + " ".join(args.argv),
     }
     rows: list[dict[str, Any]] = []
-    for mode in ("engine", "naive"):
-        if mode in args.mode:
-            for w in workloads:
-                _progress(f"{w.name} {mode}, {args.threads} threads, {args.duration:g} s")
-                rows.append(in_process(mode, w, inputs[w.name], args.threads, args.duration))
-    if "e2e" in args.mode:
-        report.update(_e2e_all(workloads, inputs, args, rows))
+    with contextlib.ExitStack() as cleanup:
+        stack = None
+        if "e2e" in args.mode:
+            queue = max(8, 4 * args.concurrency)
+            stack = cleanup.enter_context(running_stack(args.threads, queue, args.server_env))
+        for w in workloads:
+            rows.extend(workload_rows(w, inputs[w.name], args, stack))
+        if stack:
+            report.update(_stack_extras(stack, workloads, inputs, args))
     report["results"] = rows
     report["quality"] = {
         w.name: quality(inputs[w.name], w) for w in workloads if w.scale and "engine" in args.mode
@@ -893,25 +955,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _e2e_all(
-    workloads: Sequence[Workload], inputs: dict[str, bytes], args: argparse.Namespace, rows: list
+def _stack_extras(
+    stack: Stack, workloads: Sequence[Workload], inputs: dict[str, bytes], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Every e2e phase on one stack: loops per workload, the auth overhead, the soak."""
-    extra: dict[str, Any] = {}
-    with running_stack(args.threads, max(8, 4 * args.concurrency), args.server_env) as stack:
-        for w in workloads:
-            _progress(f"{w.name} e2e, concurrency {args.concurrency}, then open loop")
-            rows.extend(e2e(stack, w, inputs[w.name], args))
-        _progress(f"auth + rate-limit overhead, {args.duration:g} s")
-        small = (args.data / WORKLOADS["W3"].file).read_bytes()
-        extra["auth_overhead"] = auth_overhead(stack, small, args.duration)
-        if args.soak:
-            w = workloads[0]
-            _progress(f"soak: {args.soak} {w.name} requests at concurrency {args.concurrency}")
-            extra["soak"] = {
-                "workload": w.name,
-                **soak(stack, inputs[w.name], args.soak, args.concurrency),
-            }
+    """The auth + rate-limit overhead (always on W3) and the optional soak."""
+    _progress(f"auth + rate-limit overhead, {args.duration:g} s")
+    small = (args.data / WORKLOADS["W3"].file).read_bytes()
+    extra: dict[str, Any] = {"auth_overhead": auth_overhead(stack, small, args.duration)}
+    if args.soak:
+        w = workloads[0]
+        _progress(f"soak: {args.soak} {w.name} requests at concurrency {args.concurrency}")
+        extra["soak"] = {
+            "workload": w.name,
+            **soak(stack, inputs[w.name], args.soak, args.concurrency),
+        }
     return extra
 
 
@@ -924,8 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     args.concurrency = args.concurrency or args.threads
-    if args.duration <= 0 or args.threads < 1 or args.concurrency < 1:
-        parser().error("--duration, --threads and --concurrency must be positive")
+    if args.duration <= 0 or min(args.threads, args.concurrency, args.rounds) < 1:
+        parser().error("--duration, --threads, --concurrency and --rounds must be positive")
     report = run(args)
     table = markdown(report)
     if args.json:
