@@ -7,6 +7,7 @@ openers with an explicit allowlist), never by a file name or a declared content 
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from dataclasses import dataclass
@@ -33,6 +34,19 @@ _SHORT = 3
 # JPEG start-of-frame markers carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) do not.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+# Structure budgets. Pillow parses JPEG segments, PNG chunks and GIF blocks one Python step
+# at a time, and libjpeg re-walks every coefficient for each progressive scan, so a small
+# file made of millions of empty segments or thousands of scans costs seconds to minutes of
+# CPU (measured: 1 MB of empty JPEG comments 1.3 s to open; 20 KB of extra scans 1.6 s to
+# decode). Each compressed PNG chunk may inflate to 1 MB. Real files stay far below these.
+MAX_JPEG_SCANS = 100
+MAX_JPEG_HEADER_STEPS = 4096  # segments, fill and junk bytes before the first scan
+MAX_PNG_CHUNKS = 65_536
+MAX_PNG_COMPRESSED_CHUNKS = 8
+MAX_GIF_BLOCKS = 65_536  # extension sub-blocks before the first frame
+_PNG_COMPRESSED = frozenset({b"iCCP", b"zTXt", b"iTXt"})
+_SOS = re.compile(rb"\xff\xda")  # start of scan
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> tuple[ImageFile.
         raise InvalidInput("empty image")
     if len(data) > max_bytes:
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    check_structure(data)
     declared = declared_size(data)
     if declared is not None:
         _check_pixels(*declared, max_pixels)
@@ -172,6 +187,81 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
     except struct.error:
         return None
     return None
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse (TooLarge) files whose structure alone would cost far more than their pixels."""
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _check_gif(data)
+
+
+def _check_jpeg(data: bytes) -> None:
+    # 0xFF 0xDA is always a marker: entropy-coded data stuffs every 0xFF with 0x00.
+    scans = itertools.islice(_SOS.finditer(data), MAX_JPEG_SCANS + 1)
+    if sum(1 for _ in scans) > MAX_JPEG_SCANS:
+        raise TooLarge(f"JPEG has over {MAX_JPEG_SCANS} scans (progressive passes)")
+    if _jpeg_header_steps(data) > MAX_JPEG_HEADER_STEPS:
+        raise TooLarge(f"JPEG has over {MAX_JPEG_HEADER_STEPS} segments before its image data")
+
+
+def _jpeg_header_steps(data: bytes) -> int:
+    """Steps a parser takes from SOI to the first scan, counted up to just past the budget."""
+    pos, steps = 2, 0
+    while pos + 1 < len(data) and steps <= MAX_JPEG_HEADER_STEPS:
+        if data[pos] != 0xFF:  # junk between segments: Pillow skips it byte by byte
+            found = data.find(b"\xff", pos)
+            end = len(data) if found < 0 else found
+            steps, pos = steps + end - pos, end
+            continue
+        marker, steps = data[pos + 1], steps + 1
+        if marker == 0xDA:
+            break
+        if marker == 0xFF:
+            pos += 1
+        elif marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD9 or pos + 4 > len(data):
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return steps
+
+
+def _check_png(data: bytes) -> None:
+    pos, chunks, compressed = 8, 0, 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        compressed += kind in _PNG_COMPRESSED
+        if chunks > MAX_PNG_CHUNKS:
+            raise TooLarge(f"PNG has over {MAX_PNG_CHUNKS} chunks")
+        if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+            raise TooLarge(
+                f"PNG has over {MAX_PNG_COMPRESSED_CHUNKS} compressed metadata chunks "
+                "(iCCP, zTXt, iTXt)"
+            )
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _check_gif(data: bytes) -> None:
+    """Walk the extension blocks before the first image descriptor."""
+    flags = data[10] if len(data) > 10 else 0
+    colour_table = 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+    pos, blocks = 13 + colour_table, 0
+    while pos + 1 < len(data) and data[pos] == 0x21:  # extension: label, then sub-blocks
+        pos += 2
+        while True:
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                raise TooLarge(f"GIF has over {MAX_GIF_BLOCKS} blocks before its first frame")
+            if pos >= len(data) or not data[pos]:
+                break
+            pos += 1 + data[pos]
+        pos += 1
 
 
 def _is_webp(data: bytes) -> bool:
