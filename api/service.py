@@ -31,6 +31,7 @@ from processor.service import FORMAT_ENUMS, MODE_ENUMS, MODES
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 FORMAT_NAMES = {v: k for k, v in FORMAT_ENUMS.items()}
+NO_DEADLINE = 365 * 86400.0  # seconds; see Deadline.of
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ class Deadline:
 
     @classmethod
     def of(cls, context: grpc.ServicerContext, default: float, cap: float) -> Deadline:
+        """A call without a deadline gets ``default``: grpcio reports it as ~9.2e18 s left,
+        never None, so anything beyond a year counts as "none set"."""
         remaining = context.time_remaining()
-        budget = default if remaining is None else min(remaining, cap)
+        unset = remaining is None or remaining > NO_DEADLINE
+        budget = default if unset else min(remaining, cap)
         return cls(time.monotonic() + budget)
 
     def remaining(self) -> float:
