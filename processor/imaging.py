@@ -202,6 +202,7 @@ def process(data: bytes, job: Job, limits: Limits) -> Result:
         if _can_pass_through(image, header, job):
             stripped = strip_jpeg_metadata(data)
             if stripped is not None:
+                _check_decodes(image)
                 return _passthrough(stripped, image, geometry, started)
         return _convert(data, image, header, job, geometry, started)
     finally:
@@ -530,6 +531,14 @@ def _can_pass_through(image: Image.Image, header: Header, job: Job) -> bool:
     icc = image.info.get("icc_profile")
     profile = _profile(icc) if icc else None
     return image.mode == "RGB" and (not icc or (profile is not None and _is_srgb(profile)))
+
+
+def _check_decodes(image: Image.Image) -> None:
+    """Decode at 1/8 scale (about 1 ms for 1 MP): a passed-through JPEG with broken entropy
+    data must be refused as the decode path would refuse it, not returned as a success."""
+    with _stage("decode", "corrupt or truncated image data"):
+        image.draft(image.mode, (1, 1))
+        image.load()
 
 
 def _passthrough(data: bytes, image: Image.Image, geometry: Geometry, started: float) -> Result:

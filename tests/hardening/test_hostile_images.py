@@ -217,6 +217,16 @@ def test_data_replaced_by_garbage_is_invalid(client, fmt) -> None:
             assert out.size == (1024, 768)
 
 
+def test_corrupt_jpeg_that_needs_no_pixel_work_is_refused_too(client) -> None:
+    """Regression (found by tools/fuzz.py): within the margin and already gray, a JPEG is passed
+    through without re-encoding; a broken scan came back as a successful reply."""
+    data = bytearray(encode(photo((1024, 768), "L"), "JPEG", quality=90))
+    sos = data.index(b"\xff\xda")
+    data[sos + 5] = 9  # the scan names a component the frame does not have
+    error = client.refusal(bytes(data))
+    assert (error.code(), error.details()) == (INVALID, "corrupt or truncated image data")
+
+
 # --- polyglots: the bytes decide, and nothing of the other format comes back -------------------
 
 HTML = b"<html><script>alert(document.cookie)</script></html>"
