@@ -620,27 +620,38 @@ def _open_row(
 def auth_overhead(stack: Stack, data: bytes, duration: float) -> dict[str, Any]:
     """Secured and baseline API called in strict alternation at concurrency 1 (same load,
     same processor, same moment), so drift on a noisy machine hits both alike."""
-    secured = Caller.to(stack.api.port, data, stack.token)
-    baseline = Caller.to(stack.api_open.port, data, None)
+    callers = {
+        "secured": Caller.to(stack.api.port, data, stack.token),
+        "baseline": Caller.to(stack.api_open.port, data, None),
+    }
+    procs = [
+        stack.api.info("secured"),
+        stack.api_open.info("baseline"),
+        Proc("redis", stack.redis.pid),
+    ]
     timings: dict[str, list[float]] = {"secured": [], "baseline": []}
     try:
-        for caller in (secured, baseline, secured, baseline):
+        for caller in [*callers.values(), *callers.values()]:
             caller.call()
+        cpu = {p.name: p.cpu_seconds() for p in procs}
         stop_at = time.perf_counter() + duration
         while time.perf_counter() < stop_at:
-            for name, caller in (("secured", secured), ("baseline", baseline)):
+            for name, caller in callers.items():
                 started = time.perf_counter()
                 caller.call()
                 timings[name].append((time.perf_counter() - started) * 1000)
+        pairs = len(timings["secured"])
+        cpu = {p.name: (p.cpu_seconds() - cpu[p.name]) * 1000 / max(pairs, 1) for p in procs}
     finally:
-        secured.channel.close()
-        baseline.channel.close()
+        for caller in callers.values():
+            caller.channel.close()
     p50 = {k: latency_summary(v)["p50"] for k, v in timings.items()}
     return {
-        "pairs": len(timings["secured"]),
+        "pairs": pairs,
         "secured_p50_ms": p50["secured"],
         "baseline_p50_ms": p50["baseline"],
         "added_p50_ms": round(p50["secured"] - p50["baseline"], 2),
+        "api_cpu_ms_per_request": {k: round(v, 2) for k, v in cpu.items()},
         "ratelimit_hit_us": _limiter_cost(stack),
     }
 
@@ -780,8 +791,12 @@ def _memory_targets(rows: Sequence[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def _fmt(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:g}" for k, v in values.items())
+
+
 def _fmt_cpu(row: dict[str, Any]) -> str:
-    return " ".join(f"{k} {v:g}" for k, v in row["cpu_ms_per_image"].items())
+    return _fmt(row["cpu_ms_per_image"])
 
 
 def _fmt_rss(row: dict[str, Any]) -> str:
@@ -824,7 +839,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- auth + rate limiting (W3, {o['pairs']} alternating pairs): p50 "
             f"{o['secured_p50_ms']} ms vs {o['baseline_p50_ms']} ms without, "
-            f"+{o['added_p50_ms']} ms; Redis limiter alone p50 {o['ratelimit_hit_us']['p50']} us"
+            f"+{o['added_p50_ms']} ms; CPU ms per request {_fmt(o['api_cpu_ms_per_request'])}; "
+            f"Redis limiter alone p50 {o['ratelimit_hit_us']['p50']} us"
         )
     soaked = report.get("soak")
     if soaked:
