@@ -14,6 +14,9 @@ work, and peak RSS):
   rate limits) in front of the same processor is called in strict alternation with the first
   at concurrency 1: the p50 difference is what authentication plus rate limiting cost.
 
+Each ``--duration`` is cut into ``--rounds`` slices and the modes of a workload take turns,
+slice by slice: on a shared machine a noisy neighbour then slows every mode alike.
+
 Ratio lines compare e2e with engine (throughput and CPU per image at the same concurrency)
 and engine with naive; the PSNR of both outputs against a full-resolution LANCZOS reference
 shows what the engine's shortcuts cost in quality.
@@ -879,7 +882,13 @@ def parser() -> argparse.ArgumentParser:
         epilog="Workloads:\n"
         + "\n".join(f"  {w.name}  {w.description}" for w in WORKLOADS.values()),
     )
-    cores = len(os.sched_getaffinity(0))
+    _what_to_run(p)
+    _load(p)
+    _extras(p)
+    return p
+
+
+def _what_to_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workload",
         default="all",
@@ -895,6 +904,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=10.0, help="seconds per mode and workload (default 10)"
     )
+
+
+def _load(p: argparse.ArgumentParser) -> None:
+    cores = len(os.sched_getaffinity(0))
     p.add_argument(
         "--rounds",
         type=int,
@@ -919,6 +932,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="e2e open-loop requests/s (default: 70%% of the closed loop's)",
     )
+
+
+def _extras(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server-env",
         action="append",
@@ -941,7 +957,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--markdown", action="store_true", help="print a Markdown table (the default output)"
     )
-    return p
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
