@@ -1,12 +1,18 @@
-"""The API's side of the processor protocol: channel, deadlines and error translation."""
+"""The API's side of the processor protocol: channel, balancing, retries and error translation.
+
+Why each channel setting is what it is, with the numbers the tests measured, is in
+docs/load-balancing.md.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import grpc
 
+from api import accesslog
 from processor import serving
 from processor.errors import (
     DeadlineExceeded,
@@ -20,56 +26,108 @@ from processor.pb import processor_pb2 as pb
 from processor.pb import processor_pb2_grpc
 
 SERVICE = "imagescaler.processor.v1.Processor"
+BALANCING_POLICIES = ("round_robin", "pick_first")
 
-# Per-request balancing across every resolved replica, transparent retries of UNAVAILABLE
-# (Process is idempotent), and client-side health checks so draining replicas get no calls.
-SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": SERVICE},
-    "methodConfig": [
-        {
-            "name": [{"service": SERVICE}],
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "0.5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
-}
+# Keepalive: the processor allows pings every 30 s (grpc.http2.min_ping_interval_without_data_ms);
+# pinging more often than that earns a GOAWAY "too_many_pings" (tests check the two agree).
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# gRPC re-resolves DNS at most this often (default 30 s), whatever triggers it: a replica's
+# max-connection-age GOAWAY must not wait 30 s to reveal a scaled-out replica.
+MIN_RESOLUTION_INTERVAL_MS = 5_000
+
+# Statuses worth one more attempt from us: gRPC's own retries stop once response headers have
+# arrived (a replica killed while replying), and a retired TLS channel cancels its stragglers.
+REISSUE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+MIN_REISSUE_SECONDS = 0.05
+
+
+def service_config_for(balancing: str = "round_robin") -> dict[str, Any]:
+    """Per-call balancing, client-side health checks and retries of this idempotent call.
+
+    ``pick_first`` sends every call down one connection to one replica: it is here to show
+    (and measure) the imbalance, not for production.
+    """
+    if balancing not in BALANCING_POLICIES:
+        raise ValueError(f"balancing policy must be one of {BALANCING_POLICIES}, got {balancing!r}")
+    return {
+        "loadBalancingConfig": [{balancing: {}}],
+        # The processor reports NOT_SERVING when it starts draining: stop picking it at once.
+        "healthCheckConfig": {"serviceName": SERVICE},
+        "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": _retry_policy()}],
+    }
+
+
+def _retry_policy() -> dict[str, Any]:
+    """UNAVAILABLE: replica gone or draining. CANCELLED: a replica stopped mid-call resets it."""
+    return {
+        "maxAttempts": 3,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "0.5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+    }
 
 
 def channel_options(
     max_message: int, service_config: dict[str, Any] | None = None
 ) -> list[tuple[str, Any]]:
     """Message limits, the service config, keepalive matching the processor's, retry buffers."""
+    config = service_config if service_config is not None else service_config_for()
     return serving.message_options(
         max_message,
         [
-            ("grpc.service_config", json.dumps(service_config or SERVICE_CONFIG)),
+            ("grpc.service_config", json.dumps(config)),
+            # Ours, never one from a DNS TXT record (not looked up by default; make sure).
+            ("grpc.service_config_disable_resolution", 1),
+            ("grpc.dns_min_time_between_resolutions_ms", MIN_RESOLUTION_INTERVAL_MS),
             ("grpc.enable_retries", 1),
             # Retries replay the request: buffer a whole image, not gRPC's default 256 KiB.
             ("grpc.per_rpc_retry_buffer_size", max_message + serving.ENVELOPE),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
 
 
 class ProcessorClient:
-    """Calls ``Process``; every processor failure leaves here as a domain error."""
+    """Calls ``Process``; every processor failure leaves here as a domain error.
+
+    A call that failed with UNAVAILABLE or CANCELLED after gRPC's own retries is issued once
+    more if the deadline allows: processing is idempotent.
+    """
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._stub = processor_pb2_grpc.ProcessorStub(channel)
 
     def process(self, request: pb.ProcessRequest, timeout: float) -> pb.ProcessReply:
+        deadline = time.monotonic() + timeout
         try:
             return self._stub.Process(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise translate(exc) from None
+            remaining = deadline - time.monotonic()
+            if not _reissuable(exc, remaining):
+                raise _failed(exc) from None
+            accesslog.note(processor_reissued=_describe(exc))
+        try:
+            return self._stub.Process(request, timeout=remaining)
+        except grpc.RpcError as exc:
+            raise _failed(exc) from None
+
+
+def _reissuable(exc: grpc.RpcError, remaining: float) -> bool:
+    return exc.code() in REISSUE_CODES and remaining >= MIN_REISSUE_SECONDS  # type: ignore[attr-defined]
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+
+
+def _failed(exc: grpc.RpcError) -> ServiceError:
+    """The operator's detail (e.g. which TLS check failed) goes to the access log only."""
+    accesslog.note(processor_error=_describe(exc))
+    return translate(exc)
 
 
 def translate(exc: grpc.RpcError) -> ServiceError:
@@ -83,6 +141,12 @@ def translate(exc: grpc.RpcError) -> ServiceError:
         return TooLarge(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("deadline exceeded while processing the image")
+    if code == grpc.StatusCode.UNAVAILABLE and "health check" in details:
+        # gRPC's own wording when client-side health checks fail on every replica.
+        return Unavailable(
+            "image processor unavailable: no replica passes its health check (all draining, "
+            "or refusing the API's identity)"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable("image processor unavailable (no connection or TLS handshake failed)")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
