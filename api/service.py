@@ -137,10 +137,11 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
 
     def _source(self, image: pb.Image, deadline: Deadline) -> bytes:
         """Inline bytes win over a URL, as the contract says."""
-        if image.content:
+        content = image.content  # each access copies the bytes (upb): read them once
+        if content:
             require_scope(SCOPE_CONTENT)
             accesslog.note(source="content")
-            return image.content
+            return content
         if image.HasField("source") and image.source.http_uri:
             require_scope(SCOPE_URL)
             accesslog.note(source="url")

@@ -93,24 +93,26 @@ class ProcessorService(processor_pb2_grpc.ProcessorServicer):
 
     def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
         started = time.perf_counter()
-        log.debug("started", extra={"bytes_in": len(request.image)})
+        image = request.image  # each access copies the bytes (upb): read them once
+        log.debug("started", extra={"bytes_in": len(image)})
         try:
-            result = imaging.process(request.image, job_from_request(request), self.limits)
+            result = imaging.process(image, job_from_request(request), self.limits)
         except ServiceError as exc:
             log.info(
-                "refused",
-                extra={"code": exc.code.name, "reason": str(exc), "bytes_in": len(request.image)},
+                "refused", extra={"code": exc.code.name, "reason": str(exc), "bytes_in": len(image)}
             )
             context.abort(exc.code, str(exc))
-        log.debug(
-            "processed",
-            extra={
-                "bytes_in": len(request.image),
-                "bytes_out": len(result.data),
-                "ms": round((time.perf_counter() - started) * 1000, 2),
-                "scaled": result.scaled,
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            ms = round((time.perf_counter() - started) * 1000, 2)
+            log.debug(
+                "processed",
+                extra={
+                    "bytes_in": len(image),
+                    "bytes_out": len(result.data),
+                    "ms": ms,
+                    "scaled": result.scaled,
+                },
+            )
         t, g = result.timings, result.geometry
         self.metrics.observe(
             t.decode_ms,

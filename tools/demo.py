@@ -103,7 +103,14 @@ def start() -> list[subprocess.Popen[bytes]]:
         "--metrics-port",
         "5001",
     ]
-    env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
+    # The container image's allocator settings (see Dockerfile and docs/benchmarks.md).
+    env = {
+        **os.environ,
+        "GRPC_VERBOSITY": "ERROR",
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_MMAP_THRESHOLD_": "67108864",
+        "MALLOC_TRIM_THRESHOLD_": "268435456",
+    }
     return [
         subprocess.Popen([sys.executable, "-m", *map(str, argv)], cwd=ROOT, env=env)
         for argv in (processor, api)
