@@ -88,6 +88,7 @@ def channel_options(
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
         ],
+        client=True,
     )
 
 
@@ -136,7 +137,7 @@ def translate(exc: grpc.RpcError) -> ServiceError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInput(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "Concurrent RPC limit" in details:
+        if "at capacity" in details:
             return Overloaded("image processors are at capacity; retry shortly")
         return TooLarge(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -17,6 +17,9 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
+STREAM_THREADS = 32
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     listen: str = "127.0.0.1:50052"
@@ -55,9 +58,10 @@ class ProcessorSettings:
             raise ValueError("--allow-client: needs mutual TLS (client identities come from it)")
 
     @property
-    def max_concurrent_rpcs(self) -> int:
-        """Work in progress plus a short queue; beyond it, callers hear RESOURCE_EXHAUSTED."""
-        return self.workers + self.queue
+    def threads(self) -> int:
+        """Workers and queued calls, plus threads for health checks and the API's health
+        watches (each watch holds a thread in gRPC's sync server for its lifetime)."""
+        return self.workers + self.queue + STREAM_THREADS
 
 
 def build_options() -> opt.Options:

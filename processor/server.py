@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from processor import config, imaging, logs, metrics, serving, tls
 from processor.metrics import GrpcMetrics, MetricsInterceptor, PipelineMetrics
 from processor.pb import processor_pb2, processor_pb2_grpc
-from processor.service import ProcessorService
+from processor.service import Admission, ProcessorService
 
 log = logging.getLogger("imagescaler.processor")
 
@@ -78,17 +78,25 @@ def interceptors(
     return chain
 
 
-def build_server(settings: config.ProcessorSettings) -> Running:
-    """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
-    in_flight, registry = serving.InFlight(), CollectorRegistry()
-    server = serving.new_server(
-        settings.workers,
-        settings.max_concurrent_rpcs,
+def grpc_server(
+    settings: config.ProcessorSettings, in_flight: serving.InFlight, registry: CollectorRegistry
+) -> grpc.Server:
+    """The bare server: threads, options and interceptors; admission is the servicer's."""
+    return serving.new_server(
+        settings.threads,
+        None,
         server_options(settings),
         interceptors(settings, in_flight, registry),
     )
+
+
+def build_server(settings: config.ProcessorSettings) -> Running:
+    """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
+    in_flight, registry = serving.InFlight(), CollectorRegistry()
+    server = grpc_server(settings, in_flight, registry)
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
-    service = ProcessorService(limits, PipelineMetrics(registry))
+    admission = Admission(settings.workers, settings.queue)
+    service = ProcessorService(limits, PipelineMetrics(registry), admission)
     processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import grpc
 
 from processor import imaging
-from processor.errors import InvalidInput, ServiceError
+from processor.errors import InvalidInput, Overloaded, ServiceError
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
 from processor.pb import processor_pb2_grpc
@@ -84,19 +87,46 @@ def reply_from_result(result: imaging.Result) -> pb.ProcessReply:
     )
 
 
+class Admission:
+    """At most ``workers`` images in work and ``queue`` waiting; beyond that, refuse at once.
+
+    Not gRPC's ``maximum_concurrent_rpcs``: that also counts health checks and the API's
+    long-lived health watches, so a busy processor would refuse a new API connection's health
+    check and look down rather than busy.
+    """
+
+    def __init__(self, workers: int, queue: int) -> None:
+        self._slots = threading.BoundedSemaphore(workers + queue)
+        self._work = threading.BoundedSemaphore(workers)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded("processor at capacity; retry shortly")
+        try:
+            with self._work:
+                yield
+        finally:
+            self._slots.release()
+
+
 class ProcessorService(processor_pb2_grpc.ProcessorServicer):
     """Runs the pipeline for each request; domain errors become precise status codes."""
 
-    def __init__(self, limits: imaging.Limits, metrics: PipelineMetrics) -> None:
+    def __init__(
+        self, limits: imaging.Limits, metrics: PipelineMetrics, admission: Admission | None = None
+    ) -> None:
         self.limits = limits
         self.metrics = metrics
+        self.admission = admission or Admission(workers=2, queue=8)
 
     def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
         started = time.perf_counter()
         image = request.image  # each access copies the bytes (upb): read them once
         log.debug("started", extra={"bytes_in": len(image)})
         try:
-            result = imaging.process(image, job_from_request(request), self.limits)
+            with self.admission.admit():
+                result = imaging.process(image, job_from_request(request), self.limits)
         except ServiceError as exc:
             log.info(
                 "refused", extra={"code": exc.code.name, "reason": str(exc), "bytes_in": len(image)}

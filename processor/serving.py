@@ -20,13 +20,22 @@ log = logging.getLogger(__name__)
 ENVELOPE = 64 * 1024
 
 
+# Replies are bounded by the output size, not the input limit: a small JPEG can come back as
+# a larger PNG. This is the cap on a reply (and on what a client accepts as one).
+MAX_REPLY = 64 * 1024 * 1024
+
+
 def message_options(
-    max_message: int, extra: Iterable[tuple[str, Any]] = ()
+    max_request: int, extra: Iterable[tuple[str, Any]] = (), client: bool = False
 ) -> list[tuple[str, Any]]:
-    """Explicit send/receive limits: gRPC's 4 MiB default is too small for photos."""
+    """Explicit limits (gRPC's 4 MiB default is too small for photos): requests are held to
+    the input limit, replies to :data:`MAX_REPLY`. ``client`` swaps the directions."""
+    request = max_request + ENVELOPE
+    reply = max(MAX_REPLY, request)
+    receive, send = (reply, request) if client else (request, reply)
     return [
-        ("grpc.max_receive_message_length", max_message + ENVELOPE),
-        ("grpc.max_send_message_length", max_message + ENVELOPE),
+        ("grpc.max_receive_message_length", receive),
+        ("grpc.max_send_message_length", send),
         *extra,
     ]
 

@@ -479,12 +479,7 @@ class ClientSerials(ProcessorService):
 def recording_replica(settings: ProcessorSettings, stack: ExitStack) -> ClientSerials:
     """A replica assembled like ``processor.server.build_server``, with :class:`ClientSerials`."""
     registry = CollectorRegistry()
-    server = serving.new_server(
-        settings.workers,
-        settings.max_concurrent_rpcs,
-        processor_server.server_options(settings),
-        processor_server.interceptors(settings, serving.InFlight(), registry),
-    )
+    server = processor_server.grpc_server(settings, serving.InFlight(), registry)
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     service = ClientSerials(limits, PipelineMetrics(registry))
     processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)

@@ -191,3 +191,23 @@ def test_request_log_line_without_secrets(api, sample_jpeg: bytes, caplog) -> No
     assert record.levelno == logging.WARNING and record.auth == "none"
     assert record.status == "OK" and record.scaled is True and record.bytes_in == len(sample_jpeg)
     assert record.method == "/imagescaler.ImageScaler/ScaleImage" and record.latency_ms > 0
+
+
+def test_reply_may_exceed_the_input_limit(processor, start_api) -> None:
+    """A small noisy JPEG becomes a larger PNG: the input limit must not cap the reply."""
+    noise = Image.effect_noise((1000, 1000), 100).convert("RGB")
+    buf = io.BytesIO()
+    noise.save(buf, "JPEG", quality=30)
+    limit = 512 * 1024
+    assert len(buf.getvalue()) < limit
+    running = start_api(
+        dev_api_settings(
+            f"127.0.0.1:{processor.port}",
+            max_input_bytes=limit,
+            format="png",
+            grayscale=False,
+        )
+    )
+    reply = call(running.port, pb.Image(content=buf.getvalue()))
+    assert len(reply.content) > limit + 64 * 1024  # beyond the request limit and its envelope
+    assert reply.info.format == "png"

@@ -147,6 +147,8 @@ def test_message_over_the_configured_limit(start_processor) -> None:
 
 
 def test_overload_is_refused_at_once(start_processor, started: threading.Event) -> None:
+    """Beyond workers + queue, Process is refused at once; health still answers, so a new
+    API connection sees a busy replica, not a dead one."""
     running = start_processor(workers=1, queue=0)
     s = stub(running.port)
     busy = s.Process.future(heavy_request(), timeout=60)
@@ -154,6 +156,10 @@ def test_overload_is_refused_at_once(start_processor, started: threading.Event) 
     with pytest.raises(grpc.RpcError) as exc:
         s.Process(pb.ProcessRequest(image=png((32, 32))), timeout=10)
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at capacity" in exc.value.details()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as fresh:
+        check = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
     assert busy.result().geometry.output_width == 8000
 
 
