@@ -93,3 +93,12 @@ def test_help_shows_every_option_with_env_name() -> None:
         assert flag in out
     assert "IMAGESCALER_TARGET_SIZE" in out
     assert "flags, then environment, then config file" in out
+
+
+def test_every_settings_field_is_an_option() -> None:
+    """A field without a flag cannot be set by operators (flag, env or file)."""
+    from dataclasses import fields
+
+    dests = {a.dest for a in config.build_options().parser._actions}
+    missing = {f.name for f in fields(config.ApiSettings)} - dests
+    assert not missing

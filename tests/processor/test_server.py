@@ -227,3 +227,10 @@ def test_sigterm_drains_in_flight_request() -> None:
         proc.kill()
         proc.wait()
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_every_settings_field_is_an_option() -> None:
+    from dataclasses import fields
+
+    dests = {a.dest for a in config.build_options().parser._actions}
+    assert not {f.name for f in fields(config.ProcessorSettings)} - dests
