@@ -38,6 +38,8 @@ CUSTOM_KINDS = {
 }
 # Created by the operator (docs/deployment.md), never by the manifests.
 OUT_OF_BAND_SECRETS = {"imagescaler-jwks", "imagescaler-redis"}
+# ClusterIssuers the operator creates (docs/deployment.md); overlays may name them.
+OUT_OF_BAND_CLUSTER_ISSUERS = {"letsencrypt"}
 OUR_IMAGE = "imagescaler"
 Obj = dict[str, Any]
 
@@ -337,13 +339,15 @@ def test_processor_gets_a_cpu_per_worker_and_memory_per_image(rendered: list[Obj
 
 def test_probes_are_native_grpc_health_checks(rendered: list[Obj]) -> None:
     api = container(rendered, "api")
-    api_port = port_of(flags(api)["listen"])
-    assert api_port == 50051
+    assert port_of(flags(api)["listen"]) == 50051
+    api_probe = port_of(flags(api)["probe-listen"])
+    # The public listener speaks TLS, which the kubelet's gRPC probes cannot.
+    assert api_probe != port_of(flags(api)["listen"])
     assert api["readinessProbe"]["grpc"] == {
-        "port": api_port,
+        "port": api_probe,
         "service": service_name(imagescaler_pb2.DESCRIPTOR, "ImageScaler"),
     }
-    assert api["livenessProbe"]["grpc"]["port"] == api_port
+    assert api["livenessProbe"]["grpc"]["port"] == api_probe
 
     processor = container(rendered, "processor")
     probe_port = port_of(flags(processor)["probe-listen"])
@@ -374,8 +378,9 @@ def test_termination_grace_outlasts_the_drain(rendered: list[Obj]) -> None:
 def test_ports(rendered: list[Obj]) -> None:
     api = container(rendered, "api")
     ports = {p["name"]: p["containerPort"] for p in api["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 5001}
+    assert ports == {"grpc": 50051, "probe": 50054, "metrics": 5001}
     assert int(flags(api)["metrics-port"]) == 5001
+    assert port_of(flags(api)["probe-listen"]) == 50054
     processor = container(rendered, "processor")
     ports = {p["name"]: p["containerPort"] for p in processor["ports"]}
     assert ports["grpc"] == port_of(flags(processor)["listen"]) == 50052
@@ -424,7 +429,10 @@ def test_mtls_certificates_match_what_each_side_checks(rendered: list[Obj]) -> N
     certs = {c["spec"]["secretName"]: c["spec"] for c in of_kind(rendered, "Certificate")}
     issuers = {i["metadata"]["name"]: i["spec"] for i in of_kind(rendered, "Issuer")}
     for spec in certs.values():
-        assert spec["issuerRef"]["name"] in issuers
+        if spec["issuerRef"]["kind"] == "ClusterIssuer":
+            assert spec["issuerRef"]["name"] in OUT_OF_BAND_CLUSTER_ISSUERS
+        else:
+            assert spec["issuerRef"]["name"] in issuers
     for issuer in issuers.values():
         if "ca" in issuer:
             assert certs[issuer["ca"]["secretName"]]["isCA"] is True
@@ -440,6 +448,38 @@ def test_mtls_certificates_match_what_each_side_checks(rendered: list[Obj]) -> N
     assert server["issuerRef"] == client["issuerRef"]
     assert flags(api)["processor-ca"].endswith("/ca.crt")
     assert flags(processor)["tls-client-ca"].endswith("/ca.crt")
+
+
+def test_public_listener_serves_a_mounted_certificate(rendered: list[Obj]) -> None:
+    """TLS at the pod: --tls-cert/--tls-key are the tls.crt/tls.key of an issued Secret."""
+    api = flags(container(rendered, "api"))
+    secret = secret_mounted_at(rendered, "api", api["tls-cert"])
+    assert secret_mounted_at(rendered, "api", api["tls-key"]) == secret
+    assert api["tls-cert"].endswith("/tls.crt") and api["tls-key"].endswith("/tls.key")
+    assert os.path.dirname(api["tls-cert"]) == os.path.dirname(api["tls-key"])
+    certs = {c["spec"]["secretName"]: c["spec"] for c in of_kind(rendered, "Certificate")}
+    spec = certs[secret]
+    assert "server auth" in spec["usages"]
+    # The name clients dial; a public issuer refuses single-label names such as "api".
+    assert spec["dnsNames"] and all("." in name for name in spec["dnsNames"])
+    # Not the client certificate the API presents to the processor.
+    assert secret != secret_mounted_at(rendered, "api", api["processor-cert"])
+
+
+def test_probe_ports_are_opened_by_no_network_policy(rendered: list[Obj]) -> None:
+    """The kubelet's probes bypass NetworkPolicy in the CNIs we target; nobody else needs them."""
+    for pod in ("api", "processor"):
+        assert ingress_sources(rendered, pod, "probe") == [], pod
+
+
+def test_public_certificate_issuer(base: list[Obj], gke: list[Obj]) -> None:
+    """The base uses its internal CA; GKE uses a public ACME ClusterIssuer (client --tls)."""
+    internal = named(base, "Certificate", "api-tls")["spec"]["issuerRef"]
+    assert internal["kind"] == "Issuer" and "ca" in named(base, "Issuer", internal["name"])["spec"]
+    public = named(gke, "Certificate", "api-tls")["spec"]["issuerRef"]
+    assert public == {"group": "cert-manager.io", "kind": "ClusterIssuer", "name": "letsencrypt"}
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    assert "kind: ClusterIssuer" in text and "name: letsencrypt" in text
 
 
 def secret_mounted_at(objs: list[Obj], deployment: str, path: str) -> str:
