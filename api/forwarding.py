@@ -87,6 +87,9 @@ def channel_options(
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Reconnect within a second when processors come back (gRPC's default backoff
+            # grows to 120 s; measured recovery 6.1 s -> 0 s in docs/reliability.md).
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ],
         client=True,
     )
