@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from processor.metrics import LATENCY_BUCKETS
+from processor.metrics import LATENCY_BUCKETS, MEGAPIXEL_BUCKETS
 
 BYTES_BUCKETS = (1e4, 1e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2.5e7, 5e7)
 
@@ -58,7 +58,7 @@ class ApiMetrics:
         self.input_megapixels = Histogram(
             "imagescaler_api_input_megapixels",
             "Declared size of accepted inputs.",
-            buckets=(0.1, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+            buckets=MEGAPIXEL_BUCKETS,
             registry=registry,
         )
         self.fetch_seconds = Histogram(

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from processor.serving import Behaviour, UnaryInterceptor
 
+MEGAPIXEL_BUCKETS = (0.1, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -106,7 +107,7 @@ class PipelineMetrics:
         self.input_megapixels = Histogram(
             "imagescaler_input_megapixels",
             "Declared size of processed inputs.",
-            buckets=(0.1, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+            buckets=MEGAPIXEL_BUCKETS,
             registry=registry,
         )
         self.outcomes = Counter(
