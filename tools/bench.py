@@ -57,6 +57,7 @@ from PIL import Image
 from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
 from processor import imaging
+from tools import serverenv
 
 DATA_DIR = Path(__file__).parent / "benchdata"
 TARGET = (1024, 768)
@@ -464,16 +465,10 @@ def api_args(paths: dict[str, str], processor_port: int, secured: bool) -> list[
     ]  # fmt: skip
 
 
-def server_env(extra: Sequence[str]) -> dict[str, str]:
-    env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    for item in extra:
-        key, _, value = item.partition("=")
-        env[key] = value
-    return env
-
-
 @contextlib.contextmanager
-def running_stack(workers: int, queue: int, extra_env: Sequence[str]) -> Iterator[Stack]:
+def running_stack(
+    workers: int, queue: int, extra_env: Sequence[str], deployed: bool = True
+) -> Iterator[Stack]:
     """Redis, processor (mTLS), secured API and baseline API; all stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="imagescaler-bench-") as tmp:
         directory = Path(tmp)
@@ -481,7 +476,7 @@ def running_stack(workers: int, queue: int, extra_env: Sequence[str]) -> Iterato
         started: list[Server] = []
         try:
             paths, token = write_credentials(directory, redis_url)
-            env = server_env(extra_env)
+            env = serverenv.server_env(extra_env, deployed=deployed)
             processor = spawn(
                 "processor.server", processor_args(paths, workers, queue), directory / "p.log", env
             )
@@ -940,7 +935,13 @@ def _extras(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for the server processes, e.g. MALLOC_TRIM_THRESHOLD_=268435456",
+        help="extra environment for the server processes, on top of the container image's "
+        "(tools/serverenv.py), e.g. MALLOC_ARENA_MAX=4",
+    )
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="start the servers without the container image's glibc allocator settings",
     )
     p.add_argument(
         "--soak",
@@ -972,7 +973,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack = None
         if "e2e" in args.mode:
             queue = max(8, 4 * args.concurrency)
-            stack = cleanup.enter_context(running_stack(args.threads, queue, args.server_env))
+            stack = cleanup.enter_context(
+                running_stack(args.threads, queue, args.server_env, not args.default_allocator)
+            )
         for w in workloads:
             rows.extend(workload_rows(w, inputs[w.name], args, stack))
         if stack:

@@ -8,7 +8,6 @@ No Redis and no cloud: rate limits and revocations live in memory.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tools import serverenv
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -103,14 +104,7 @@ def start() -> list[subprocess.Popen[bytes]]:
         "--metrics-port",
         "5001",
     ]
-    # The container image's allocator settings (see Dockerfile and docs/benchmarks.md).
-    env = {
-        **os.environ,
-        "GRPC_VERBOSITY": "ERROR",
-        "MALLOC_ARENA_MAX": "2",
-        "MALLOC_MMAP_THRESHOLD_": "67108864",
-        "MALLOC_TRIM_THRESHOLD_": "268435456",
-    }
+    env = serverenv.server_env()  # as the container image runs them
     return [
         subprocess.Popen([sys.executable, "-m", *map(str, argv)], cwd=ROOT, env=env)
         for argv in (processor, api)

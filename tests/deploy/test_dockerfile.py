@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import serverenv
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPILERS = ("gcc", "g++", "clang", "build-essential", "make ", "cc ", "python3-dev")
@@ -156,6 +158,13 @@ def test_runtime_environment(parsed: list[Stage]) -> None:
         assert setting in env
     exposed = " ".join(parsed[-1].all("EXPOSE")).split()
     assert {"50051", "5001", "50052", "5002"} <= set(exposed)
+
+
+def test_demo_and_benchmark_run_the_servers_as_the_image_does(parsed: list[Stage]) -> None:
+    """tools/serverenv.py is what `make run` and imagescaler-bench start servers with."""
+    env = dict(item.split("=", 1) for item in shlex.split(" ".join(parsed[-1].all("ENV"))))
+    assert serverenv.SERVER.items() <= env.items()
+    assert set(serverenv.ALLOCATOR) == {k for k in env if k.startswith("MALLOC_")}
 
 
 def test_build_context_is_an_allow_list(parsed: list[Stage]) -> None:
