@@ -164,6 +164,23 @@ def test_structure_bombs_refused_before_parsing(client, processor, name, make, m
     assert (error.code(), error.details()) == (EXHAUSTED, message)
 
 
+def test_baseline_jpeg_with_extra_scans_is_refused_by_the_processor(client, processor) -> None:
+    """The API's probe counts scans only in progressive files (the search costs 0.8 ms per
+    12 MP image); the processor counts them in every file before it decodes."""
+    data = encode(photo(), "JPEG")
+    last = data.rindex(b"\xff\xda")
+    bomb = data[:-2] + data[last:-2] * 150 + b"\xff\xd9"
+    before = processor_calls(processor)
+    started = time.monotonic()
+    error = client.refusal(bomb)
+    assert time.monotonic() - started < FAST
+    assert (error.code(), error.details()) == (
+        EXHAUSTED,
+        "JPEG has over 100 scans (progressive passes)",
+    )
+    assert processor_calls(processor) == before + 1
+
+
 def test_png_text_a_real_encoder_writes_is_still_accepted(client) -> None:
     """ImageMagick-style metadata (a profile and a few compressed text chunks) passes."""
     text = b"".join(

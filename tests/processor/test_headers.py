@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from processor.errors import InvalidInput, TooLarge
-from processor.headers import UNSUPPORTED, Header, declared_size, exif_orientation, probe
+from processor.headers import (
+    UNSUPPORTED,
+    Header,
+    check_structure,
+    declared_size,
+    exif_orientation,
+    probe,
+)
 
 MB = 1024 * 1024
 LIMIT_PIXELS = 64_000_000
@@ -180,3 +187,33 @@ def test_declared_size_reads_every_allowed_format(images):
     assert declared_size(images.encode(photo, "WEBP", exif=images.exif(make="x"))) == (40, 30)
     assert declared_size(b"\xff\xd8\xff\xda") is None
     assert declared_size(b"RIFF\x00\x00\x00\x00WEBPVP8 ") is None
+
+
+def _with_extra_scans(data: bytes, extra: int) -> bytes:
+    """``data`` (ending in EOI) with its last scan repeated ``extra`` times."""
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_scan_count_is_checked_before_decoding(images, progressive):
+    data = images.encode(images.photo((64, 48)), "JPEG", progressive=progressive)
+    bomb = _with_extra_scans(data, 150)
+    check_structure(data)
+    with pytest.raises(TooLarge, match="over 100 scans"):
+        check_structure(bomb)
+
+
+def test_the_header_probe_searches_only_progressive_files_for_scans(images):
+    """A baseline file's extra scans cost nothing to open (the processor refuses them before
+    it decodes); a progressive file's are refused by the probe already."""
+    baseline = _with_extra_scans(images.encode(images.photo((64, 48)), "JPEG"), 150)
+    progressive = _with_extra_scans(
+        images.encode(images.photo((64, 48)), "JPEG", progressive=True), 150
+    )
+    check_structure(baseline, decoding=False)
+    assert check(baseline) == Header("jpeg", 64, 48, 1)
+    with pytest.raises(TooLarge, match="over 100 scans"):
+        check_structure(progressive, decoding=False)
+    with pytest.raises(TooLarge, match="over 100 scans"):
+        check(progressive)
