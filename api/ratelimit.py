@@ -21,10 +21,17 @@ Choices, and why:
 - **Several limits** (``20/second;600/minute``) are hit shortest window first and stop at the
   first refusal, so a client bursting past its per-second limit does not also burn its
   minute budget with refused calls.
-- **Redis never hangs a request**: one short timeout for connect and commands, no client-side
-  retries, and after a failure the storage is left alone for ``recheck_after`` seconds, so a
-  call holds its worker thread for at most one timeout. A cluster client that cannot connect
-  when built is retried the same way, so the API also starts while Redis is down.
+- **One Redis round trip per limit**: `limits`' hit answers a bare yes or no, and reading the
+  window for ``ratelimit-remaining`` is a second call. On Redis (not Cluster, whose pipelines
+  refuse scripts) the default strategy sends `limits`' own two scripts, on its own keys, in one
+  write (:class:`RedisCounter`). Other strategies and storages go through `limits` itself.
+- **Redis never hangs a request**: the timeout is one budget for all of an RPC's limiter calls
+  (request rate, then pixels), replies are awaited only until it is spent, there are no
+  client-side retries, and after a failure the storage is left alone for ``recheck_after``
+  seconds. So a slow Redis costs a call at most one timeout (Cluster and the other strategies:
+  under two, as their calls stop once it is spent), and a Redis slower than that is treated as
+  down. A cluster client that cannot connect when built is retried the same way, so the API
+  also starts while Redis is down.
 - **retry-after** is when the refused cost fits again (computed from the counter's two
   windows: `limits`' own reset time is only when the first unit frees up, too early for a
   50 MP image), rounded up, at least 1 s.
@@ -48,9 +55,11 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -58,7 +67,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from limits import RateLimitItem, parse_many
 from limits.errors import ConfigurationError, StorageError
-from limits.storage import Storage, storage_from_string
+from limits.storage import RedisClusterStorage, RedisStorage, Storage, storage_from_string
 from limits.strategies import STRATEGIES, RateLimiter, SlidingWindowCounterRateLimiter
 
 from api import accesslog
@@ -86,7 +95,7 @@ class RateLimits:
     default_pixels: str | None = "2000/minute"  # megapixels per period
     default_max_concurrent: int | None = 16  # per tenant per replica
     failure_policy: str = "open"
-    timeout: float = 0.1  # seconds, for every Redis connect and command
+    timeout: float = 0.1  # seconds of Redis time per RPC, all its limiter calls together
     recheck_after: float = 1.0  # seconds without storage calls after a failure
     log_interval: float = 5.0  # at most one failure log line per interval
 
@@ -114,10 +123,13 @@ class RateLimits:
 
         # redis.Redis() defaults to 10 retries with backoff (Sentinel and cluster clients are
         # built that way): seconds, not a fraction of one. The failure policy decides instead.
+        # No CLIENT SETINFO: two more round trips on every new connection, and a connection
+        # is new after every timeout, so a slow Redis would spend a call's budget on them.
         client = {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
             "retry": Retry(NoBackoff(), 0),
+            "driver_info": None,
         }
         if self.storage.startswith("redis+sentinel://"):
             return {"wrap_exceptions": True, "sentinel_kwargs": dict(client), **client}
@@ -244,6 +256,16 @@ class StorageHealth:
                 log.info("rate-limit storage recovered", extra={"failures": self.failures})
 
 
+class Budget:
+    """Redis time one RPC may still spend; all of its limiter calls draw on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+
+
+_budget: ContextVar[Budget | None] = ContextVar("ratelimit_budget", default=None)
+
+
 class Limiter:
     """Per-tenant limits over one `limits` storage, plus a per-replica in-flight cap."""
 
@@ -259,8 +281,9 @@ class Limiter:
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._strategy: RateLimiter | None = None
+        self._counter: Counter | None = None
         self._storage: Storage | None = None
+        self._remote = not settings.storage.startswith("memory://")  # memory has no deadline
         try:
             self._connect()
         except StorageError as exc:  # serve under the failure policy until Redis is there
@@ -271,6 +294,15 @@ class Limiter:
         """Calls decided by the failure policy because the storage failed."""
         return self.health.failures
 
+    @contextmanager
+    def budget(self) -> Iterator[None]:
+        """One timeout of storage time for every limiter call made inside (one RPC)."""
+        token = _budget.set(Budget(self.settings.timeout))
+        try:
+            yield
+        finally:
+            _budget.reset(token)
+
     def acquire(self, tenant: str) -> Admission:
         """Admit one call or raise LimitError; release the admission when the call ends."""
         own = self._own_limits(tenant)
@@ -279,7 +311,8 @@ class Limiter:
         try:
             items = self._items(own.rate or self.settings.default_rate)
             quota, degraded = self._guarded(
-                lambda limiter: self._spend(limiter, tenant, "rate", items, 1), items
+                lambda counter, deadline: self._spend(counter, deadline, tenant, "rate", items, 1),
+                items,
             )
         except BaseException:
             release()
@@ -301,7 +334,8 @@ class Limiter:
                     f"image of {cost} megapixels exceeds the pixel limit {item} of tenant {tenant}"
                 )
         quota, _ = self._guarded(
-            lambda limiter: self._spend(limiter, tenant, "pixels", items, cost), items
+            lambda counter, deadline: self._spend(counter, deadline, tenant, "pixels", items, cost),
+            items,
         )
         return quota
 
@@ -351,12 +385,12 @@ class Limiter:
             else:
                 self._in_flight.pop(tenant, None)
 
-    def _connect(self) -> RateLimiter:
-        """The strategy over its storage; redis+cluster connects here, so this can fail too."""
-        if self._strategy is not None:
-            return self._strategy
+    def _connect(self) -> Counter:
+        """The counter over its storage; redis+cluster connects here, so this can fail too."""
+        if self._counter is not None:
+            return self._counter
         with self._connect_lock:
-            if self._strategy is None:
+            if self._counter is None:
                 try:
                     storage = storage_from_string(
                         self.settings.storage, **self.settings.storage_options()
@@ -367,21 +401,25 @@ class Limiter:
                     raise StorageError(exc) from exc
                 assert isinstance(storage, Storage)  # the schemes allowed are synchronous
                 self._storage = storage
-                self._strategy = STRATEGIES[self.settings.strategy](storage)
-            return self._strategy
+                self._counter = counter_for(storage, self.settings.strategy)
+            return self._counter
 
     def _guarded(
-        self, spend: Callable[[RateLimiter], Quota | None], items: Sequence[RateLimitItem]
+        self, spend: Callable[[Counter, float], Quota | None], items: Sequence[RateLimitItem]
     ) -> tuple[Quota | None, bool]:
-        """(quota, degraded): storage calls under the failure policy; no limits, no calls."""
+        """(quota, degraded): storage calls under the failure policy and the RPC's budget."""
         if not items:
             return None, False
         if self.health.paused():
             return self._failed(None)
+        budget = _budget.get() or Budget(self.settings.timeout)
+        started = time.monotonic()
         try:
-            quota = spend(self._connect())
+            quota = spend(self._connect(), started + budget.left if self._remote else math.inf)
         except StorageError as exc:
             return self._failed(exc)
+        finally:
+            budget.left -= time.monotonic() - started
         self.health.succeeded()
         return quota, False
 
@@ -395,60 +433,174 @@ class Limiter:
 
     def _spend(
         self,
-        strategy: RateLimiter,
+        counter: Counter,
+        deadline: float,
         tenant: str,
         kind: str,
         items: Sequence[RateLimitItem],
         cost: int,
     ) -> Quota | None:
-        """Hit every limit (shortest window first) or raise RateLimited for the first refusal."""
+        """Hit every limit (shortest window first) or raise RateLimited for the first refusal;
+        the quota of the limit closest to exhaustion (ties: the one that takes longest to
+        reset)."""
         key = ("imagescaler", self.settings.strategy, kind, tenant)
+        quotas = []
         for item in items:
-            if not strategy.hit(item, *key, cost=cost):
-                remaining, fits_in, full_in = _window(strategy, item, key, cost)
-                retry = max(1, math.ceil(fits_in))
+            admitted, usage = counter.hit(item, key, cost, deadline)
+            if not admitted:
+                retry = max(1, math.ceil(usage.fits_in))
                 raise RateLimited(
                     f"{'pixel' if kind == 'pixels' else 'rate'} limit {item}"
                     f"{' megapixels' if kind == 'pixels' else ''} exceeded "
                     f"for tenant {tenant}; retry in {retry} s",
                     retry,
-                    Quota(item.amount, remaining, max(retry, math.ceil(full_in))).metadata(),
+                    Quota(
+                        item.amount, usage.remaining, max(retry, math.ceil(usage.full_in))
+                    ).metadata(),
                 )
-        return _tightest(strategy, items, key)
+            quotas.append(Quota(item.amount, usage.remaining, max(0, math.ceil(usage.full_in))))
+        return min(quotas, key=lambda q: (q.remaining, -q.reset), default=None)
 
 
-def _window(
-    strategy: RateLimiter, item: RateLimitItem, key: tuple[str, ...], cost: int
-) -> tuple[int, float, float]:
-    """(remaining, seconds until ``cost`` fits, seconds until the whole quota is back)."""
-    if isinstance(strategy, SlidingWindowCounterRateLimiter):
-        # get_window_stats' reset is when some unit frees up: neither of the two above.
-        window = strategy.storage.get_sliding_window(  # type: ignore[attr-defined]
-            item.key_for(*key), item.get_expiry()
+# --- counters: one hit and what it leaves -------------------------------------------------
+
+Window = tuple[int, float, int, float]  # sliding-window counter: previous, its ttl, current, ttl
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One limit right after a hit."""
+
+    remaining: int
+    fits_in: float  # seconds until the hit's cost fits
+    full_in: float  # seconds until the whole quota is back if unused
+
+
+class Counter(Protocol):
+    def hit(
+        self, item: RateLimitItem, key: tuple[str, ...], cost: int, deadline: float
+    ) -> tuple[bool, Usage]:
+        """Spend ``cost`` if it fits; raise StorageError when ``deadline`` (monotonic) passes."""
+        ...
+
+
+def counter_for(storage: Storage, strategy: str) -> Counter:
+    """One round trip per hit where the storage allows it, `limits` itself elsewhere."""
+    if (
+        strategy == "sliding-window-counter"
+        and isinstance(storage, RedisStorage)
+        and not isinstance(storage, RedisClusterStorage)
+    ):
+        return RedisCounter(storage)
+    return LimitsCounter(STRATEGIES[strategy](storage))
+
+
+class LimitsCounter:
+    """Any strategy on any storage through `limits`: a hit, then a read of its window."""
+
+    def __init__(self, strategy: RateLimiter) -> None:
+        self.strategy = strategy
+
+    def hit(
+        self, item: RateLimitItem, key: tuple[str, ...], cost: int, deadline: float
+    ) -> tuple[bool, Usage]:
+        _left(deadline)
+        admitted = self.strategy.hit(item, *key, cost=cost)
+        _left(deadline)
+        return admitted, self._usage(item, key, cost)
+
+    def _usage(self, item: RateLimitItem, key: tuple[str, ...], cost: int) -> Usage:
+        if isinstance(self.strategy, SlidingWindowCounterRateLimiter):
+            # get_window_stats' reset is when some unit frees up: neither of the two we need.
+            window = self.strategy.storage.get_sliding_window(  # type: ignore[attr-defined]
+                item.key_for(*key), item.get_expiry()
+            )
+            return sliding_usage(window, item, cost)
+        reset, remaining = self.strategy.get_window_stats(item, *key)
+        return Usage(remaining, reset - time.time(), reset - time.time())
+
+
+class RedisCounter:
+    """Sliding-window counter on one Redis (or Sentinel's master): a hit and its window read
+    in one write, replies awaited until the deadline and no longer.
+
+    These are `limits`' own scripts on `limits`' own keys (its private key helpers, so they
+    cannot drift apart), sent with EVAL so that a restarted Redis needs no SCRIPT LOAD.
+    `limits` has no call that returns the window with the hit, and none with a deadline.
+    """
+
+    def __init__(self, storage: RedisStorage) -> None:
+        import redis
+
+        client: Any = storage.get_connection()  # redis.Redis: Sentinel's is for the master
+        self._storage, self._pool, self._errors = storage, client.connection_pool, redis.RedisError
+
+    def hit(
+        self, item: RateLimitItem, key: tuple[str, ...], cost: int, deadline: float
+    ) -> tuple[bool, Usage]:
+        name, expiry, storage = item.key_for(*key), item.get_expiry(), self._storage
+        keys = (
+            storage.prefixed_key(storage._previous_window_key(name)),
+            storage.prefixed_key(storage._current_window_key(name)),
         )
-        previous, previous_ttl, current, _ = window
-        used = math.floor(previous * previous_ttl / item.get_expiry()) + current
-        return (
-            max(0, item.amount - used),
-            sliding_wait(window, item, cost),
-            sliding_wait(window, item, item.amount),
+        acquired, window = self._round_trip(
+            deadline,
+            ("EVAL", storage.SCRIPT_ACQUIRE_SLIDING_WINDOW, 2, *keys, item.amount, expiry, cost),
+            ("EVAL", storage.SCRIPT_SLIDING_WINDOW, 2, *keys, expiry),
         )
-    reset, remaining = strategy.get_window_stats(item, *key)
-    return remaining, reset - time.time(), reset - time.time()
+        return bool(acquired), sliding_usage(_window_from(window), item, cost)
+
+    def _round_trip(self, deadline: float, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, or StorageError."""
+        try:
+            connection = self._pool.get_connection()
+        except self._errors as exc:
+            raise StorageError(exc) from exc
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            return [connection.read_response(timeout=_left(deadline)) for _ in commands]
+        except BaseException as exc:
+            connection.disconnect()  # replies may still arrive: never reuse it as it is
+            if isinstance(exc, self._errors):
+                raise StorageError(exc) from exc
+            raise
+        finally:
+            self._pool.release(connection)
 
 
-def _tightest(
-    strategy: RateLimiter, items: Sequence[RateLimitItem], key: tuple[str, ...]
-) -> Quota | None:
-    """The limit closest to exhaustion (ties: the one that takes longest to reset)."""
-    quotas = []
-    for item in items:
-        remaining, _, full_in = _window(strategy, item, key, 1)
-        quotas.append(Quota(item.amount, remaining, max(0, math.ceil(full_in))))
-    return min(quotas, key=lambda q: (q.remaining, -q.reset), default=None)
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline``; StorageError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StorageError(TimeoutError("the call's rate-limit storage budget is spent"))
+    return left
 
 
-def sliding_wait(window: tuple[int, float, int, float], item: RateLimitItem, cost: int) -> float:
+def _window_from(reply: Sequence[Any]) -> Window:
+    """sliding_window.lua's reply as `limits` reads it (ttls in ms there, s here)."""
+    if not reply:
+        return 0, 0.0, 0, 0.0
+    previous, previous_ttl, current, current_ttl = reply
+    return (
+        int(previous or 0),
+        max(0.0, float(previous_ttl or 0)) / 1000,
+        int(current or 0),
+        max(0.0, float(current_ttl or 0)) / 1000,
+    )
+
+
+def sliding_usage(window: Window, item: RateLimitItem, cost: int) -> Usage:
+    """What a sliding-window counter's state leaves of ``item`` for a hit of ``cost``."""
+    previous, previous_ttl, current, _ = window
+    used = math.floor(previous * previous_ttl / item.get_expiry()) + current
+    return Usage(
+        max(0, item.amount - used),
+        sliding_wait(window, item, cost),
+        sliding_wait(window, item, item.amount),
+    )
+
+
+def sliding_wait(window: Window, item: RateLimitItem, cost: int) -> float:
     """Seconds until ``cost`` fits a sliding-window counter if nobody else spends meanwhile.
 
     ``window`` is the storage's (previous count, previous ttl, current count, current ttl);
@@ -512,10 +664,9 @@ class RateLimitInterceptor(UnaryInterceptor):
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         def limited(request: Any, context: grpc.ServicerContext) -> Any:
-            admission = self._admit(context)
-            with admission:
+            with self._limiter.budget(), self._admit(context) as admission:
                 try:
-                    return behaviour(request, context)
+                    return behaviour(request, context)  # charge_pixels draws on the budget too
                 finally:
                     # Also after an abort: the status leaves only when this frame unwinds.
                     context.set_trailing_metadata(
