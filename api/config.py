@@ -309,7 +309,7 @@ def build_options() -> opt.Options:
     add(
         "ratelimit-timeout",
         0.1,
-        "seconds for each rate-limit store call",
+        "seconds of rate-limit store time per request, all windows together",
         opt.positive_float,
         "SECONDS",
     )
