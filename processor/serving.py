@@ -56,12 +56,10 @@ def new_server(
     )
 
 
-def add_health_and_reflection(
-    server: grpc.Server, services: Iterable[str]
-) -> health.HealthServicer:
+def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> DrainingHealth:
     """Register grpc.health.v1 (every service SERVING) and server reflection."""
     names = list(services)
-    servicer = health.HealthServicer()
+    servicer = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -69,6 +67,72 @@ def add_health_and_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     return servicer
+
+
+class _WatchStream:
+    """A ``Watch`` stream's response callback that can be ended once; later sends are dropped."""
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self._send, self._ended, self._lock = send, False, threading.Lock()
+
+    def send(self, response: Any) -> None:
+        with self._lock:
+            if not self._ended:
+                self._ended = response is None
+                self._send(response)
+
+    def end(self) -> None:
+        self.send(None)  # gRPC sends status OK: the stream is over
+
+
+class DrainingHealth(health.HealthServicer):
+    """The standard health service, plus :meth:`end_watches` for the drain.
+
+    ``Watch`` streams (client-side health checking) are the only calls of ours that never end
+    by themselves. Ending them lets ``server.stop(grace)`` wait for exactly the other calls.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # non-blocking Watch: an open stream holds no thread
+        self._watches: set[Callable[[], None]] = set()
+        self._watches_lock = threading.Lock()
+        self._ending = False
+
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> Any:
+        if send_response_callback is None:  # run as a blocking stream: a wrapper hid the flag
+            watcher = super().Watch(request, context)
+            self._track(watcher.close, context)
+            return watcher
+        stream = _WatchStream(send_response_callback)
+        super().Watch(request, context, stream.send)
+        self._track(stream.end, context)
+        return None
+
+    def _track(self, end: Callable[[], None], context: grpc.ServicerContext) -> None:
+        with self._watches_lock:
+            if not self._ending:
+                self._watches.add(end)
+                if context.add_callback(lambda: self._forget(end)):
+                    return
+                self._watches.discard(end)  # the call is already over
+        end()  # draining: this watch has had its NOT_SERVING, end it too
+
+    def _forget(self, end: Callable[[], None]) -> None:
+        with self._watches_lock:
+            self._watches.discard(end)
+
+    def end_watches(self) -> None:
+        """End every open ``Watch`` with status OK (after NOT_SERVING), and new ones at once."""
+        with self._watches_lock:
+            self._ending = True
+            ends, self._watches = list(self._watches), set()
+        for end in ends:
+            end()
 
 
 def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -111,19 +175,15 @@ class UnaryInterceptor(grpc.ServerInterceptor):
 
 
 class InFlight(UnaryInterceptor):
-    """Counts unary calls in progress, so a drain need not wait out long-lived streams.
-
-    Health ``Watch`` streams (client-side health checking) stay open until cancelled; without
-    this count every shutdown would last the whole grace period.
-    """
+    """Counts unary calls being handled, for the drain's log lines (see :func:`drain`)."""
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle = threading.Condition()
+        self._lock = threading.Lock()
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         def counted(request: Any, context: grpc.ServicerContext) -> Any:
-            with self._idle:
+            with self._lock:
                 self._count += 1
             # Counted until the call has terminated, i.e. its response has been sent too.
             if not context.add_callback(self._done):
@@ -133,13 +193,12 @@ class InFlight(UnaryInterceptor):
         return counted
 
     def _done(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count -= 1
-            self._idle.notify_all()
 
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout)
+    @property
+    def count(self) -> int:
+        return self._count
 
 
 def drain(
@@ -149,19 +208,30 @@ def drain(
     in_flight: InFlight | None = None,
     delay: float = 0.0,
 ) -> None:
-    """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace``.
+    """Report NOT_SERVING, refuse new RPCs and let every accepted one finish within ``grace``.
 
-    ``delay`` gives clients that watch our health (the API's balancer) time to route new
-    calls elsewhere before this server refuses them.
+    ``delay`` gives clients that watch our health (the API's balancer, a load balancer's
+    readiness probe) time to route new calls elsewhere before this server refuses them.
+
+    ``server.stop(grace)`` waits for every call gRPC has accepted, including one whose request
+    is still arriving or that waits for a thread; only when ``grace`` runs out does it cancel
+    them. What it cannot end are health ``Watch`` streams, so those are ended here. (Never
+    ``stop(None)`` early: it cancels every call, and a call is only visible to an interceptor
+    once its whole request has arrived. Calls a client sends in the instant of the stop itself,
+    before it has seen the GOAWAY, are cancelled by gRPC's core whatever we do: the ``delay``
+    is what keeps health-aware clients from sending them.)
     """
     servicer.enter_graceful_shutdown()
     if delay:
         time.sleep(delay)
     stopped = server.stop(grace)
-    log.info("draining", extra={"grace_seconds": grace})
-    if in_flight is not None and in_flight.wait_idle(grace):
-        server.stop(None)  # only streams are left: end them now
-    stopped.wait()
+    if isinstance(servicer, DrainingHealth):
+        servicer.end_watches()
+    calls = in_flight.count if in_flight is not None else None
+    log.info("draining", extra={"grace_seconds": grace, "calls_in_handlers": calls})
+    if not stopped.wait(grace + 1.0):  # gRPC cancels what is left when grace runs out
+        log.warning("drain: grace period over, calls cancelled")
+        stopped.wait()
 
 
 def wait_for_signal() -> None:

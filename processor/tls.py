@@ -210,13 +210,22 @@ class PeerCheckInterceptor(grpc.ServerInterceptor):
         )
 
     def _wrap(self, behavior: Callable[..., Any] | None) -> Callable[..., Any] | None:
+        """The behaviour behind the check, keeping gRPC's calling convention for it.
+
+        A non-blocking stream (health ``Watch``) gets a third argument and returns at once;
+        without the flag gRPC would run it as a blocking stream holding a thread until the
+        client goes away.
+        """
         if behavior is None:
             return None
 
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        def guarded(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
             check_peer(context, self._allowed)
-            return behavior(request, context)
+            return behavior(request, context, *callback)
 
+        for flag in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(behavior, flag):
+                setattr(guarded, flag, getattr(behavior, flag))
         return guarded
 
 
