@@ -1017,6 +1017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.concurrency = args.concurrency or args.threads
     if args.duration <= 0 or min(args.threads, args.concurrency, args.rounds) < 1:
         parser().error("--duration, --threads, --concurrency and --rounds must be positive")
+    # SIGTERM (timeout, CI cancelling) unwinds like Ctrl-C, so the servers are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     report = run(args)
     table = markdown(report)
     if args.json:
