@@ -16,6 +16,7 @@ from api.accesslog import AccessLogInterceptor
 from api.fetch import Fetcher, FetchPolicy
 from api.forwarding import ProcessorClient, channel_options
 from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_principal
+from api.lazyrequest import LazyRequestInterceptor
 from api.metrics import ApiMetrics
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
 from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimits
@@ -147,8 +148,9 @@ def current_tenant() -> str | None:
 def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -> Running:
     """Build, bind and start the API; returns the bound port (tests listen on port 0).
 
-    The interceptor chain, outermost first: drain accounting, access log, authentication,
-    rate limits (which are per verified tenant).
+    The interceptor chain, outermost first: drain accounting, metrics, access log,
+    authentication, rate limits (which are per verified tenant), and the request read last,
+    so that every refusal comes before the image is uploaded.
     """
     channel = processor_channel(settings)
     tenants = TenantRegistry(settings.tenants) if settings.tenants else None
@@ -169,6 +171,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
         AccessLogInterceptor(api_metrics.record),
         authentication(settings, tenants),
         RateLimitInterceptor(limits, current_tenant),
+        LazyRequestInterceptor((SERVICE_NAME,)),
     ]
     options = serving.message_options(
         settings.max_input_bytes,

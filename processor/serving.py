@@ -146,10 +146,13 @@ Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 
 class UnaryInterceptor(grpc.ServerInterceptor):
-    """Base for interceptors that wrap each unary call's behaviour; streams pass untouched.
+    """Base for interceptors that wrap each single-response call's behaviour; response
+    streams pass untouched.
 
     The wrapper runs on the worker thread with the call's context, unlike
-    ``intercept_service`` itself, which gRPC runs on its dispatch thread.
+    ``intercept_service`` itself, which gRPC runs on its dispatch thread. It passes the
+    request on unread, so it also wraps the request-streaming handlers that
+    ``api.lazyrequest`` makes of the API's unary methods.
     """
 
     def intercept_service(
@@ -159,10 +162,14 @@ class UnaryInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not self.applies(method):
+        if handler is None or handler.response_streaming or not self.applies(method):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self.wrap(method, handler.unary_unary),
+        if handler.unary_unary is not None:
+            factory, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        else:
+            factory, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        return factory(
+            self.wrap(method, behaviour),
             handler.request_deserializer,
             handler.response_serializer,
         )

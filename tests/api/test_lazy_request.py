@@ -1,0 +1,138 @@
+"""Refusals come before the request body: the API reads a call's image after admitting it.
+
+The client here sends its single request message only when told to (a request-streaming call
+on the unary method: the same bytes on the wire as a unary call), so a test can tell whether
+the API answered before the body was there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.pb import imagescaler_pb2 as pb
+from auth import keys
+from auth.tokens import mint
+from tests.stack import dev_api_settings
+
+METHOD = "/imagescaler.ImageScaler/ScaleImage"
+PATIENCE = 10.0  # seconds: how long an answer may take when it needs no body
+TENANTS = """
+tenants:
+  - id: acme
+    scopes: [scale:content]
+  - id: thumbs
+    scopes: [scale:content]
+    rate_limit: 1/minute
+"""
+
+
+class HeldBody:
+    """A request stream whose one message is sent only once ``release`` is set."""
+
+    def __init__(self, request: pb.ScaleImageRequest) -> None:
+        self.request = request
+        self.release = threading.Event()
+        self.sent = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.ScaleImageRequest]:
+        self.release.wait(PATIENCE * 3)
+        self.sent.set()
+        yield self.request
+
+
+class Api:
+    def __init__(self, tmp: Path, start_api: Callable, processor_port: int) -> None:
+        self.key = keys.generate_private_key()
+        (tmp / "jwks.json").write_text(json.dumps({"keys": [keys.public_jwk(self.key, "k1")]}))
+        (tmp / "tenants.yaml").write_text(TENANTS)
+        settings = dev_api_settings(
+            f"127.0.0.1:{processor_port}",
+            auth="jwt",
+            jwks=str(tmp / "jwks.json"),
+            tenants=str(tmp / "tenants.yaml"),
+        )
+        self.running = start_api(settings)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
+        self.call = self.channel.stream_unary(
+            METHOD,
+            request_serializer=pb.ScaleImageRequest.SerializeToString,
+            response_deserializer=pb.ScaleImageReply.FromString,
+        )
+
+    def token(self, tenant: str = "acme") -> str:
+        return mint(self.key, "k1", tenant=tenant, scopes=["scale:content"], ttl=600)
+
+    def start(self, body: HeldBody, token: str) -> tuple[grpc.Future, threading.Event]:
+        future = self.call.future(
+            iter(body), metadata=[("authorization", f"Bearer {token}")], timeout=PATIENCE * 4
+        )
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        return future, done
+
+
+@pytest.fixture
+def api(tmp_path: Path, start_api, processor) -> Iterator[Api]:
+    a = Api(tmp_path, start_api, processor.port)
+    yield a
+    a.channel.close()
+
+
+def refusal_without_body(api: Api, token: str, sample_jpeg: bytes) -> grpc.RpcError:
+    body = HeldBody(pb.ScaleImageRequest(image=pb.Image(content=sample_jpeg)))
+    future, done = api.start(body, token)
+    try:
+        assert done.wait(PATIENCE), "no answer while the body was held"
+        assert not body.sent.is_set()
+        error = future.exception()
+        assert isinstance(error, grpc.RpcError)
+        return error
+    finally:
+        body.release.set()
+
+
+def test_a_bad_token_is_refused_before_the_body(api: Api, sample_jpeg: bytes) -> None:
+    error = refusal_without_body(api, "not.a.jwt", sample_jpeg)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_rate_limited_call_is_refused_before_the_body(api: Api, sample_jpeg: bytes) -> None:
+    token = api.token("thumbs")  # 1/minute
+    body = HeldBody(pb.ScaleImageRequest(image=pb.Image(content=sample_jpeg)))
+    body.release.set()
+    assert api.start(body, token)[0].result().info.output_width == 1024
+    error = refusal_without_body(api, token, sample_jpeg)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_admitted_call_is_handled_while_its_body_is_on_the_way(
+    api: Api, sample_jpeg: bytes
+) -> None:
+    """Control for the tests above: the handler chain really runs before the body arrives,
+    and the admitted call then waits for it."""
+    body = HeldBody(pb.ScaleImageRequest(image=pb.Image(content=sample_jpeg)))
+    future, done = api.start(body, api.token())
+    deadline = time.monotonic() + PATIENCE
+    while api.running.in_flight.count == 0 and time.monotonic() < deadline:
+        done.wait(0.01)
+    assert api.running.in_flight.count == 1
+    assert not done.is_set() and not body.sent.is_set()
+    body.release.set()
+    assert future.result().info.output_width == 1024
+
+
+def test_a_call_that_ends_without_a_message_is_invalid(api: Api) -> None:
+    metadata = [("authorization", f"Bearer {api.token()}")]
+    with pytest.raises(grpc.RpcError) as exc:
+        api.call(iter(()), metadata=metadata, timeout=10)
+    assert (exc.value.code(), exc.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no request message",
+    )
