@@ -33,10 +33,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import grpc
+
 from api.pb import imagescaler_pb2 as pb
+from api.pb import imagescaler_pb2_grpc
 from auth import keys
 from auth.tokens import mint
 from tools import certs, loadgen
+from tools.client import MAX_MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "seed-sample.jpg"
@@ -547,10 +551,13 @@ def drive(
     actions: Sequence[Action] = (),
     requests: Sequence[pb.ScaleImageRequest] | None = None,
     images: Sequence[bytes] | None = None,
+    follow_health: bool = False,
 ) -> Run:
     """Open-loop load per ``profile`` while ``actions`` run on their own timeline."""
     stats = Timeline()
     runner = loadgen.Runner(target, images or [SAMPLE.read_bytes()], stats)
+    if follow_health:
+        health_following(runner, target)
     if requests is not None:
         runner.requests = list(requests)
     clock = FaultClock(actions, time.monotonic(), runner.stop)
@@ -569,6 +576,35 @@ def drive(
     total = time.monotonic() - clock.origin
     report = loadgen.build_report(profile, target, stats, dispatch, total, False)
     return Run(stats.snapshot(), clock.marks, report, clock.origin)
+
+
+# What a load balancer that honours readiness does, and what the API does towards processors:
+# round_robin with client-side health checking, so a server reporting NOT_SERVING (draining)
+# gets no new calls from this client.
+FOLLOW_HEALTH = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {
+            "serviceName": pb.DESCRIPTOR.services_by_name["ImageScaler"].full_name
+        },
+    }
+)
+
+
+def health_following(runner: loadgen.Runner, target: loadgen.Target) -> None:
+    """Replace the runner's plaintext channels by ones that follow the servers' health."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.service_config", FOLLOW_HEALTH),
+    ]
+    if target.tls or target.ca:
+        raise ValueError("health_following is for the plaintext stack")
+    for channel in runner.channels:
+        channel.close()
+    runner.channels = [grpc.insecure_channel(target.server, options) for _ in runner.channels]
+    runner.stubs = [imagescaler_pb2_grpc.ImageScalerStub(c) for c in runner.channels]
 
 
 def in_parallel(*jobs: Callable[[], Run]) -> list[Run]:
@@ -1130,11 +1166,22 @@ def terminate(server: Server, record: dict[str, Any]) -> Callable[[], None]:
     return act
 
 
-def sigterm(scale: Scale, workdir: Path | None, which: str) -> Result:
-    """SIGTERM to one of two APIs or one of two processors while it serves a call."""
+def sigterm(
+    scale: Scale, workdir: Path | None, which: str, client: str = "follows health"
+) -> Result:
+    """SIGTERM to one of two APIs or one of two processors while it serves a call.
+
+    ``client`` "plain" is pick_first connections that ignore health: they keep sending
+    to the draining API until the GOAWAY, and gRPC core cancels what arrives at the instant
+    of the stop (docs/reliability.md, finding 3), so only requests in flight at the SIGTERM
+    are promised to it.
+    """
+    plain = client == "plain"
     result = Result(
-        f"sigterm-{which}",
-        "zero failed requests (in flight or new); the process drains and exits 0",
+        f"sigterm-{which}" + ("-plain" if plain else ""),
+        "zero failed requests in flight at the SIGTERM; the process drains and exits 0"
+        if plain
+        else "zero failed requests (in flight or new); the process drains and exits 0",
     )
     record: dict[str, Any] = {}
     caught: list[bool] = []
@@ -1143,7 +1190,8 @@ def sigterm(scale: Scale, workdir: Path | None, which: str) -> Result:
         act = when_busy(victim, terminate(victim, record))
         name = f"SIGTERM {victim.name}"
         actions = [Action(scale.at(0.4), name, lambda: caught.append(act()))]
-        run = drive(stack.target(), scale.profile(), actions)
+        follow = which == "api" and not plain  # the processors' client, the API, always does
+        run = drive(stack.target(), scale.profile(), actions, follow_health=follow)
     signalled = record["signalled"] - run.origin
     result.marks = run.marks
     result.phases = {
@@ -1151,22 +1199,36 @@ def sigterm(scale: Scale, workdir: Path | None, which: str) -> Result:
         "after": phase(run.events, signalled),
     }
     hit = in_flight_at(run.events, signalled)
+    late = [e for e in run.events if e.sent >= signalled and e.code != "OK"]
     result.measured = {
+        "client": "the API, which follows health" if which == "processor" else client,
         f"{victim.name} was serving a call when signalled": caught[0],
         "client requests in flight at SIGTERM": len(hit),
         "of which failed": sum(e.code != "OK" for e in hit),
+        "failed requests sent after it (s after the SIGTERM, code)": [
+            (round(e.sent - signalled, 3), e.code) for e in late
+        ],
         "exit code": record["exit code"],
         "seconds to exit": record["seconds to exit"],
     }
-    result.expect(run.report.codes.get("OK", 0) == run.report.completed, "requests failed")
+    if plain:
+        failed = result.measured["of which failed"]
+        result.expect(failed == 0, "requests in flight at the SIGTERM failed")
+    else:
+        result.expect(run.report.codes.get("OK", 0) == run.report.completed, "requests failed")
     result.expect(record["exit code"] == 0, f"{victim.name} exited with {record['exit code']}")
     result.expect(caught[0], f"could not catch {victim.name} serving a call")
     return result
 
 
 def sigterm_api(scale: Scale, workdir: Path | None = None) -> Result:
-    """SIGTERM to the API a client is using, with a second API to go to."""
+    """SIGTERM to the API a client is using, with a second API; the client follows health."""
     return sigterm(scale, workdir, "api")
+
+
+def sigterm_api_plain(scale: Scale, workdir: Path | None = None) -> Result:
+    """The same with a plain client (pick_first connections, no health checking)."""
+    return sigterm(scale, workdir, "api", client="plain")
 
 
 def sigterm_processor(scale: Scale, workdir: Path | None = None) -> Result:
@@ -1350,6 +1412,7 @@ SCENARIOS = (
     Scenario("storage-down-fallback", storage_down_fallback, 10, 15),
     Scenario("origin-blackholed", origin_blackholed, 10, 10),
     Scenario("sigterm-api", sigterm_api, 10, 10),
+    Scenario("sigterm-api-plain", sigterm_api_plain, 10, 10),
     Scenario("sigterm-processor", sigterm_processor, 10, 10),
     Scenario("cert-rotation", cert_rotation, 10, 16),
     Scenario("api-replicas", api_replicas, 10, 6),

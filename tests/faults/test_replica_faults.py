@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tools import faults
 
 
@@ -27,12 +25,6 @@ def test_all_processors_down_is_unavailable_fast_then_recovers(tmp_path: Path) -
     assert during.codes.get("UNAVAILABLE", 0) >= 0.9 * during.requests
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known, intermittent (docs/reliability.md): processor/serving.py wait_for_signal "
-    "blocks untimed, so a SIGTERM handled off the main thread can go unnoticed (no drain); and "
-    "the drain can cancel a call whose request body was still arriving (CANCELLED)",
-)
 def test_sigterm_on_the_api_under_load_fails_nothing(tmp_path: Path) -> None:
     result = faults.sigterm_api(faults.Scale(rate=20, duration=3.5), tmp_path)
     assert not result.problems, result.text()
@@ -46,7 +38,8 @@ def test_sigterm_on_a_processor_under_load_fails_nothing(tmp_path: Path) -> None
 
 
 def test_two_api_replicas_share_the_processors(tmp_path: Path) -> None:
-    # Each API's health watch holds a processor thread for its lifetime: with only workers +
-    # queue threads, the second API replica's calls all timed out (fixed by STREAM_THREADS).
+    # Each API watches every processor's health. While the processor's peer check made those
+    # watches blocking, each held a processor thread for its lifetime and, with only workers +
+    # queue threads, the second API replica's calls all timed out (docs/reliability.md, 5).
     result = faults.api_replicas(faults.Scale(rate=10, duration=2), tmp_path)
     assert not result.problems, result.text()
