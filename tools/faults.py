@@ -929,8 +929,9 @@ def redis_slow(
     timeout = 0.1  # --ratelimit-timeout's default, set explicitly below
     result = Result(
         "redis-slow",
-        f"every request served; a Redis slower than the limiter timeout ({timeout * 1000:.0f} ms "
-        "per call) adds less than two timeouts to a request (fail-open)",
+        f"every request served; a slow Redis adds at most about one limiter timeout "
+        f"({timeout * 1000:.0f} ms, one budget for all of a request's Redis calls) to a request "
+        "(fail-open)",
     )
     spec = scale.spec(redis=True, api_args=("--ratelimit-timeout", str(timeout)))
     names = [f"{d * 1000:.0f} ms" for d in delays]
@@ -963,8 +964,8 @@ def redis_slow(
         "served without a limiter verdict": sum(e.quota is None for e in run.events),
     }
     result.expect(all(p.failed() == 0 for p in result.phases.values()), "requests failed")
-    for name, delay in zip(names, delays, strict=True):
-        slow = delay > timeout and added[name] >= 2 * timeout * 1000
+    for name in names:
+        slow = added[name] >= 1.5 * timeout * 1000
         result.expect(not slow, f"Redis answering in {name} delayed requests by {added[name]} ms")
     return result
 

@@ -29,7 +29,7 @@ def test_redis_down_fails_closed_fast_and_recovers(tmp_path: Path) -> None:
     assert result.phases["after"].codes.get("OK", 0) > 0
 
 
-def test_slow_redis_costs_each_request_less_than_two_limiter_timeouts(tmp_path: Path) -> None:
+def test_slow_redis_costs_each_request_about_one_limiter_timeout_at_most(tmp_path: Path) -> None:
     # Redis answering in 500 ms, five times the limiter's 100 ms timeout, is not waited for.
     result = faults.redis_slow(faults.Scale(rate=20, duration=3), tmp_path, delays=(0.5,))
     assert not result.problems, result.text()
