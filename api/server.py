@@ -191,11 +191,12 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
 
 
 def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials | None:
+    """Server TLS whose files are re-read when they change: a renewed certificate reaches
+    new connections without a rollout."""
     if not settings.tls_cert:
         return None
     assert settings.tls_key
-    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+    return tls.server_credentials(Path(settings.tls_cert), Path(settings.tls_key), None)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

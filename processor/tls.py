@@ -39,22 +39,25 @@ ChannelOptions = Sequence[tuple[str, Any]]
 
 @dataclass(frozen=True)
 class TlsMaterial:
-    """A validated certificate chain, its private key and the CA bundle to trust (PEM)."""
+    """A validated certificate chain, its private key and the CA bundle to trust (PEM; None:
+    a server that asks for no client certificate)."""
 
     cert_chain: bytes
     key: bytes
-    ca: bytes
+    ca: bytes | None
     description: str
 
 
-def load_material(cert: Path, key: Path, ca: Path) -> TlsMaterial:
+def load_material(cert: Path, key: Path, ca: Path | None) -> TlsMaterial:
     """Read and check the files; raises ValueError if the key does not match the certificate."""
-    cert_pem, key_pem, ca_pem = cert.read_bytes(), key.read_bytes(), ca.read_bytes()
+    cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    ca_pem = ca.read_bytes() if ca is not None else None
     leaf = x509.load_pem_x509_certificates(cert_pem)[0]
     private_key = serialization.load_pem_private_key(key_pem, password=None)
     if _public_der(leaf.public_key()) != _public_der(private_key.public_key()):
         raise ValueError(f"private key {key} does not match certificate {cert}")
-    x509.load_pem_x509_certificates(ca_pem)
+    if ca_pem is not None:
+        x509.load_pem_x509_certificates(ca_pem)
     description = (
         f"{leaf.subject.rfc4514_string()} serial {leaf.serial_number:x} "
         f"valid until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
@@ -84,8 +87,9 @@ class FileReloader:
     a rotation caught midway takes effect when its last file lands.
     """
 
-    def __init__(self, cert: Path, key: Path, ca: Path) -> None:
-        self._paths = (cert, key, ca)
+    def __init__(self, cert: Path, key: Path, ca: Path | None) -> None:
+        self._paths = (cert, key) if ca is None else (cert, key, ca)
+        self._ca = ca
         self._lock = threading.Lock()
         self._seen = _signature(self._paths)
         self.current = load_material(cert, key, ca)
@@ -98,7 +102,7 @@ class FileReloader:
                 return None
             self._seen = signature
             try:
-                material = load_material(*self._paths)
+                material = load_material(self._paths[0], self._paths[1], self._ca)
             except (OSError, ValueError) as exc:
                 log.warning(
                     "TLS files changed but are not usable, keeping %s: %s",
@@ -120,11 +124,13 @@ def _server_config(material: TlsMaterial) -> grpc.ServerCertificateConfiguration
     )
 
 
-def server_credentials(cert: Path, key: Path, client_ca: Path) -> grpc.ServerCredentials:
-    """mTLS credentials requiring a client certificate signed by ``client_ca``.
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """mTLS credentials requiring a client certificate signed by ``client_ca`` (None: plain
+    server TLS, the API's public listener).
 
-    gRPC asks the fetcher on every handshake, so files rotated on disk reach new connections
-    without a restart. Raises OSError/ValueError at startup if the files are unusable.
+    gRPC asks the fetcher on every handshake, so files rotated on disk (cert-manager renewing
+    a Secret) reach new connections without a restart. Raises OSError/ValueError at startup
+    if the files are unusable.
     """
     reloader = FileReloader(cert, key, client_ca)
 
@@ -133,7 +139,7 @@ def server_credentials(cert: Path, key: Path, client_ca: Path) -> grpc.ServerCre
         return None if material is None else _server_config(material)
 
     return grpc.dynamic_ssl_server_credentials(
-        _server_config(reloader.current), fetch, require_client_authentication=True
+        _server_config(reloader.current), fetch, require_client_authentication=client_ca is not None
     )
 
 
