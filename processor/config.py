@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from processor import memory, tls
 from processor import options as opt
-from processor import tls
 
 
 def default_workers() -> int:
@@ -34,6 +34,7 @@ class ProcessorSettings:
     queue: int = 8
     max_input_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000
+    memory_budget: int = memory.DEFAULT_BUDGET
     max_connection_age: float = 300.0
     grace: float = 25.0
     drain_delay: float = 1.0
@@ -108,6 +109,14 @@ def build_options() -> opt.Options:
         "BYTES",
     )
     o.add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
+    o.add(
+        "memory-budget",
+        memory.DEFAULT_BUDGET,
+        "estimated decode memory the images in work may hold together (e.g. 320MB): an image "
+        "needing more is refused for good, one not fitting beside the others as at capacity",
+        opt.byte_size,
+        "BYTES",
+    )
     o.add(
         "max-connection-age",
         300.0,

@@ -21,7 +21,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -29,6 +29,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageCms
 
+from processor import memory
 from processor.errors import InvalidInput, Overloaded, ServiceError, TooLarge
 from processor.headers import Header, open_image
 
@@ -194,21 +195,79 @@ class Result:
     timings: Timings
 
 
-def process(data: bytes, job: Job, limits: Limits) -> Result:
-    """Run one image through the pipeline; refuse it with a ServiceError."""
+def process(data: bytes, job: Job, limits: Limits, budget: memory.Budget | None = None) -> Result:
+    """Run one image through the pipeline; refuse it with a ServiceError.
+
+    With a ``budget``, the call holds its estimated peak memory (from the header) while it
+    decodes and transforms, or is refused before decoding when that does not fit.
+    """
     started = time.perf_counter()
     image, header = open_image(data, limits.max_bytes, limits.max_pixels)
     try:
         geometry = plan(header.oriented_size, job, header.orientation)
         _check_output(geometry, job, limits)
+        stripped = None
         if _can_pass_through(image, header, job):
             stripped = strip_jpeg_metadata(data)
+        need = memory_estimate(image, header, job, geometry, passthrough=stripped is not None)
+        with budget.reserve(need) if budget else nullcontext():
             if stripped is not None:
                 _check_decodes(image)
                 return _passthrough(stripped, image, geometry, started)
-        return _convert(data, image, header, job, geometry, started)
+            return _convert(data, image, header, job, geometry, started)
     finally:
         image.close()
+
+
+def memory_estimate(
+    image: Image.Image, header: Header, job: Job, geometry: Geometry, passthrough: bool = False
+) -> int:
+    """Upper bound of the call's peak memory, from the header alone (see processor.memory)."""
+    alpha = _alpha_fate(image, job)
+    output = memory.Output(
+        format=job.format,
+        mode="L" if job.grayscale else "RGBA" if alpha == "keep" else "RGB",
+        pixels=0 if passthrough else geometry.output_width * geometry.output_height,
+    )
+    source = memory.Source(
+        format=header.format,
+        mode=image.mode,
+        pixels=header.pixels,
+        alpha=alpha,
+        grayscale=job.grayscale,
+        decoded_pixels=_jpeg_decoded_pixels(header, geometry, passthrough),
+        coefficient_samples=_coefficient_samples(image),
+    )
+    return memory.estimate(source, output)
+
+
+def _alpha_fate(image: Image.Image, job: Job) -> str:
+    if not _has_alpha(image):
+        return "none"
+    return "keep" if job.format != "jpeg" and not job.grayscale else "flatten"
+
+
+def _jpeg_decoded_pixels(header: Header, geometry: Geometry, passthrough: bool) -> int:
+    """Pixels a JPEG decodes to: Pillow's power-of-two DCT scale, at least as many as
+    simplejpeg's N/8 (so a fallback to Pillow stays within the estimate)."""
+    if header.format != "jpeg":
+        return 0
+    if passthrough:
+        return math.ceil(header.width / 8) * math.ceil(header.height / 8)
+    need = decode_size(header, geometry)
+    fits = min(header.width // max(1, need[0]), header.height // max(1, need[1]))
+    scale = next(s for s in (8, 4, 2, 1) if fits >= s or s == 1)
+    return math.ceil(header.width / scale) * math.ceil(header.height / scale)
+
+
+def _coefficient_samples(image: Image.Image) -> float:
+    """Progressive JPEG: libjpeg buffers every component's coefficients (samples/pixel)."""
+    layers = getattr(image, "layer", None)
+    if not image.info.get("progressive") or not layers:
+        return 0.0
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    return sum(layer[1] * layer[2] for layer in layers) / (h_max * v_max)
 
 
 def plan(oriented_size: tuple[int, int], job: Job, orientation: int = 1) -> Geometry:

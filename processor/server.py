@@ -95,7 +95,7 @@ def build_server(settings: config.ProcessorSettings) -> Running:
     in_flight, registry = serving.InFlight(), CollectorRegistry()
     server = grpc_server(settings, in_flight, registry)
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
-    admission = Admission(settings.workers, settings.queue)
+    admission = Admission(settings.workers, settings.queue, settings.memory_budget)
     service = ProcessorService(limits, PipelineMetrics(registry), admission)
     processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])

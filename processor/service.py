@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import grpc
 
-from processor import imaging
+from processor import imaging, memory
 from processor.errors import InvalidInput, Overloaded, ServiceError
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
@@ -90,19 +90,25 @@ def reply_from_result(result: imaging.Result) -> pb.ProcessReply:
 class Admission:
     """At most ``workers`` images in work and ``queue`` waiting; beyond that, refuse at once.
 
+    Images in work also hold their estimated decode memory in ``memory`` (see
+    :mod:`processor.memory`): a count alone lets two big WebPs exceed the pod's limit.
+
     Not gRPC's ``maximum_concurrent_rpcs``: that also counts health checks and the API's
     long-lived health watches, so a busy processor would refuse a new API connection's health
     check and look down rather than busy.
     """
 
-    def __init__(self, workers: int, queue: int) -> None:
+    def __init__(
+        self, workers: int, queue: int, memory_budget: int = memory.DEFAULT_BUDGET
+    ) -> None:
         self._slots = threading.BoundedSemaphore(workers + queue)
         self._work = threading.BoundedSemaphore(workers)
+        self.memory = memory.Budget(memory_budget)
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
-            raise Overloaded("processor at capacity; retry shortly")
+            raise Overloaded(memory.AT_CAPACITY)
         try:
             with self._work:
                 yield
@@ -126,7 +132,8 @@ class ProcessorService(processor_pb2_grpc.ProcessorServicer):
         log.debug("started", extra={"bytes_in": len(image)})
         try:
             with self.admission.admit():
-                result = imaging.process(image, job_from_request(request), self.limits)
+                job = job_from_request(request)
+                result = imaging.process(image, job, self.limits, self.admission.memory)
         except ServiceError as exc:
             log.info(
                 "refused", extra={"code": exc.code.name, "reason": str(exc), "bytes_in": len(image)}
