@@ -11,6 +11,7 @@ Also a small library for pipelines::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,6 +26,23 @@ from api.pb import imagescaler_pb2_grpc
 from tools.signedurl import FetchError, fetch_signed
 
 MAX_MESSAGE = 64 * 1024 * 1024
+# ScaleImage is idempotent: try again on another connection when an API replica is gone or
+# draining (UNAVAILABLE) or gRPC cancelled the call as that replica stopped (CANCELLED). The
+# retry buffer must hold a whole request, or gRPC silently gives up retrying large images.
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "imagescaler.ImageScaler"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ]
+}
 RATE_LIMIT_KEYS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after")
 
 
@@ -46,6 +64,9 @@ class ScalerClient:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE),
+            ("grpc.retry_buffer_size", 4 * MAX_MESSAGE),
         ]
         if tls or ca:
             creds = grpc.ssl_channel_credentials(root_certificates=ca)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from concurrent import futures
 from pathlib import Path
 
+import grpc
+import pytest
 from PIL import Image
 
+from api.pb import imagescaler_pb2 as pb
+from api.pb import imagescaler_pb2_grpc
 from auth import keys
 from auth.tokens import mint
 from tests.stack import dev_api_settings
@@ -65,3 +71,47 @@ def test_retry_honours_retry_after(processor, start_api, tmp_path: Path, capsys)
     assert client.main([*argv, "--retry", "3"]) == 0
     err = capsys.readouterr().err
     assert "retrying in" in err and "ratelimit-limit=" in err
+
+
+class FlakyScaler(imagescaler_pb2_grpc.ImageScalerServicer):
+    """Fails the first attempts the way a stopping replica does, then answers."""
+
+    def __init__(self, failures: list[grpc.StatusCode]) -> None:
+        self.failures = failures
+        self.sizes: list[int] = []
+
+    def ScaleImage(self, request, context):
+        self.sizes.append(len(request.image.content))
+        if self.failures:
+            context.abort(self.failures.pop(0), "replica stopping")
+        return pb.ScaleImageReply(content=b"ok")
+
+
+@pytest.mark.parametrize(
+    ("failures", "attempts"),
+    [
+        ([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED], 3),
+        ([grpc.StatusCode.UNAVAILABLE] * 3, 3),  # three attempts, no more
+        ([grpc.StatusCode.INVALID_ARGUMENT], 1),  # not retried
+    ],
+)
+def test_client_retries_a_stopping_replica_even_for_large_images(failures, attempts) -> None:
+    servicer = FlakyScaler(list(failures))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    image = os.urandom(3 << 20)  # beyond gRPC's default 256 KiB retry buffer
+    try:
+        with client.ScalerClient(f"127.0.0.1:{port}") as scaler:
+            if len(failures) < attempts:
+                assert scaler.scale(image, timeout=20).content == b"ok"
+            else:
+                with pytest.raises(grpc.RpcError) as refused:
+                    scaler.scale(image, timeout=20)
+                assert refused.value.code() == failures[attempts - 1]
+    finally:
+        server.stop(None)
+    assert servicer.sizes == [len(image)] * attempts
