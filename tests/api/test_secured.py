@@ -52,7 +52,8 @@ class Secured:
             tenants=str(tmp / "tenants.yaml"),
             **overrides,
         )
-        self.port = start_api(settings).port
+        self.running = start_api(settings)
+        self.port = self.running.port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = imagescaler_pb2_grpc.ImageScalerStub(self.channel)
 
