@@ -28,19 +28,15 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import grpc
-
 from api.pb import imagescaler_pb2 as pb
-from api.pb import imagescaler_pb2_grpc
 from auth import keys
 from auth.tokens import mint
 from tools import certs, loadgen
-from tools.client import MAX_MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "seed-sample.jpg"
@@ -555,9 +551,9 @@ def drive(
 ) -> Run:
     """Open-loop load per ``profile`` while ``actions`` run on their own timeline."""
     stats = Timeline()
-    runner = loadgen.Runner(target, images or [SAMPLE.read_bytes()], stats)
     if follow_health:
-        health_following(runner, target)
+        target = replace(target, service_config=FOLLOW_HEALTH)
+    runner = loadgen.Runner(target, images or [SAMPLE.read_bytes()], stats)
     if requests is not None:
         runner.requests = list(requests)
     clock = FaultClock(actions, time.monotonic(), runner.stop)
@@ -589,22 +585,6 @@ FOLLOW_HEALTH = json.dumps(
         },
     }
 )
-
-
-def health_following(runner: loadgen.Runner, target: loadgen.Target) -> None:
-    """Replace the runner's plaintext channels by ones that follow the servers' health."""
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.service_config", FOLLOW_HEALTH),
-    ]
-    if target.tls or target.ca:
-        raise ValueError("health_following is for the plaintext stack")
-    for channel in runner.channels:
-        channel.close()
-    runner.channels = [grpc.insecure_channel(target.server, options) for _ in runner.channels]
-    runner.stubs = [imagescaler_pb2_grpc.ImageScalerStub(c) for c in runner.channels]
 
 
 def in_parallel(*jobs: Callable[[], Run]) -> list[Run]:

@@ -220,15 +220,18 @@ class Target:
     max_in_flight: int = 64
     timeout: float = 30.0
     served_by_key: str = "x-served-by"
+    service_config: str | None = None  # JSON, e.g. round_robin with client-side health checks
 
 
 def open_channel(target: Target) -> grpc.Channel:
     """A channel with its own TCP connection (channels otherwise share subchannels)."""
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.use_local_subchannel_pool", 1),
     ]
+    if target.service_config:
+        options.append(("grpc.service_config", target.service_config))
     if target.tls or target.ca:
         creds = grpc.ssl_channel_credentials(root_certificates=target.ca)
         return grpc.secure_channel(target.server, creds, options=options)
