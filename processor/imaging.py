@@ -244,7 +244,12 @@ def memory_estimate(
 def _alpha_fate(image: Image.Image, job: Job) -> str:
     if not _has_alpha(image):
         return "none"
-    return "keep" if job.format != "jpeg" and not job.grayscale else "flatten"
+    return "keep" if _keeps_alpha(job) else "flatten"
+
+
+def _keeps_alpha(job: Job) -> bool:
+    """Only colour PNG or WebP output carries alpha; everything else is flattened onto white."""
+    return job.format != "jpeg" and not job.grayscale
 
 
 def _jpeg_decoded_pixels(header: Header, geometry: Geometry, passthrough: bool) -> int:
@@ -378,8 +383,8 @@ def _convert(
         decoded, factor = _decode(data, image, header, job, geometry)
     decode_ms, mark = _ms(started), time.perf_counter()
     with _stage("transform"):
-        keep_alpha = job.format != "jpeg" and not job.grayscale
-        pixels = _orient(_working_mode(decoded, job.grayscale, keep_alpha), header.orientation)
+        working = _working_mode(decoded, job.grayscale, _keeps_alpha(job))
+        pixels = _orient(working, header.orientation)
         pixels = _resize(pixels, geometry, factor)
         pixels, color = _output_colour(pixels, image.info.get("icc_profile"), job.grayscale)
         pixels = _pad(pixels, geometry, job.pad_color)
