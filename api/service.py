@@ -98,7 +98,7 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
             scaled=decision.scale,
             grayscale=decision.grayscale,
         )
-        reply = self.processor.process(self._job(data, decision.scale), deadline.remaining())
+        reply = self.processor.process(self._job(decision.scale), data, deadline.remaining())
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))
         if delivery.store:
@@ -150,10 +150,11 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
             return fetched.data
         raise InvalidInput("no image: set image.content or image.source.http_uri")
 
-    def _job(self, data: bytes, scale: bool) -> ppb.ProcessRequest:
+    def _job(self, scale: bool) -> ppb.ProcessRequest:
+        """What to do with the image; the image itself joins it on the way out."""
         s = self.settings
         request = ppb.ProcessRequest(
-            image=data, grayscale=s.grayscale, format=FORMAT_ENUMS[s.format], quality=s.quality
+            grayscale=s.grayscale, format=FORMAT_ENUMS[s.format], quality=s.quality
         )
         if scale:
             request.scaling.CopyFrom(

@@ -55,9 +55,9 @@ import numpy as np
 from PIL import Image
 
 from api.pb import imagescaler_pb2 as pb
-from api.pb import imagescaler_pb2_grpc
 from processor import imaging
 from tools import serverenv
+from tools.loadgen import encoded_request, scale_image
 
 DATA_DIR = Path(__file__).parent / "benchdata"
 TARGET = (1024, 768)
@@ -510,11 +510,15 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 @dataclass
 class Caller:
-    """One channel (reused by every call) and one request message, built once."""
+    """One channel (reused by every call) and one request, serialized once."""
 
     channel: grpc.Channel
-    request: pb.ScaleImageRequest
+    request: bytes
     metadata: tuple[tuple[str, str], ...]
+    scale: grpc.UnaryUnaryMultiCallable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = scale_image(self.channel)
 
     @classmethod
     def to(cls, port: int, data: bytes, token: str | None) -> Caller:
@@ -524,15 +528,13 @@ class Caller:
         ]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        return cls(channel, pb.ScaleImageRequest(image=pb.Image(content=data)), metadata)
+        return cls(channel, encoded_request(data), metadata)
 
     def call(self) -> pb.ScaleImageReply:
-        stub = imagescaler_pb2_grpc.ImageScalerStub(self.channel)
-        return stub.ScaleImage(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT)
+        return self.scale(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT)
 
     def start(self) -> grpc.Future:
-        stub = imagescaler_pb2_grpc.ImageScalerStub(self.channel)
-        return stub.ScaleImage.future(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT)
+        return self.scale.future(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT)
 
 
 SliceRunner = Callable[[float], Loop]

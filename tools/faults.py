@@ -555,7 +555,7 @@ def drive(
         target = replace(target, service_config=FOLLOW_HEALTH)
     runner = loadgen.Runner(target, images or [SAMPLE.read_bytes()], stats)
     if requests is not None:
-        runner.requests = list(requests)
+        runner.requests = [r.SerializeToString() for r in requests]
     clock = FaultClock(actions, time.monotonic(), runner.stop)
     stats.origin = clock.origin
     clock.start()

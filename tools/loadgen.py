@@ -42,10 +42,10 @@ from typing import Any, TextIO
 import grpc
 
 from api.pb import imagescaler_pb2 as pb
-from api.pb import imagescaler_pb2_grpc
 from tools.client import MAX_MESSAGE
 
 PROFILES = ("constant", "ramp", "step", "day")
+SCALE_IMAGE = "/imagescaler.ImageScaler/ScaleImage"
 LATE_AFTER = 0.010  # seconds behind schedule before a start counts as late
 MAX_DURATION = 7 * 24 * 3600.0
 
@@ -238,6 +238,20 @@ def open_channel(target: Target) -> grpc.Channel:
     return grpc.insecure_channel(target.server, options=options)
 
 
+def scale_image(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    """ScaleImage taking a request already serialized (see :func:`encoded_request`)."""
+    return channel.unary_unary(
+        SCALE_IMAGE, response_deserializer=pb.ScaleImageReply.FromString, _registered_method=True
+    )
+
+
+def encoded_request(data: bytes) -> bytes:
+    """A request for ``data``, serialized once: a load generator sends the same bytes again and
+    again, and encoding a 2.45 MB photo per call copies it twice more on cores it shares with
+    the servers it measures (~1 ms of CPU per call, docs/benchmarks.md)."""
+    return pb.ScaleImageRequest(image=pb.Image(content=data)).SerializeToString()
+
+
 def served_by(call: Any, key: str) -> str | None:
     for k, v in (*(call.initial_metadata() or ()), *(call.trailing_metadata() or ())):
         if k == key and isinstance(v, str):
@@ -251,8 +265,8 @@ class Runner:
     def __init__(self, target: Target, images: Sequence[bytes], stats: Stats) -> None:
         self.target, self.stats = target, stats
         self.channels = [open_channel(target) for _ in range(target.connections)]
-        self.stubs = [imagescaler_pb2_grpc.ImageScalerStub(c) for c in self.channels]
-        self.requests = [pb.ScaleImageRequest(image=pb.Image(content=data)) for data in images]
+        self.calls = [scale_image(c) for c in self.channels]
+        self.requests = [encoded_request(data) for data in images]  # serialized once
         self.metadata = (("authorization", f"Bearer {target.token}"),) if target.token else ()
         self.slots = threading.BoundedSemaphore(target.max_in_flight)
         self.stop = threading.Event()
@@ -289,11 +303,9 @@ class Runner:
     def _send(self, index: int, scheduled: float) -> None:
         sent = time.monotonic()
         self.stats.started(sent - scheduled)
-        stub = self.stubs[index % len(self.stubs)]
+        call = self.calls[index % len(self.calls)]
         request = self.requests[index % len(self.requests)]
-        future = stub.ScaleImage.future(
-            request, timeout=self.target.timeout, metadata=self.metadata
-        )
+        future = call.future(request, timeout=self.target.timeout, metadata=self.metadata)
         future.add_done_callback(lambda call: self._done(call, scheduled, sent))
 
     def _done(self, call: Any, scheduled: float, sent: float) -> None:

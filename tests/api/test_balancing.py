@@ -237,9 +237,9 @@ def test_pick_first_sends_every_call_to_one_replica(cluster: Cluster) -> None:
     channel = ReloadingChannel(ipv4_target(HOSTS, cluster.port), cluster.client_tls(), options)
     cluster.stack.callback(channel.close)
     client = forwarding.ProcessorClient(channel)
-    request = ppb.ProcessRequest(image=cluster.image)
+    job = ppb.ProcessRequest()
     with futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: client.process(request, TIMEOUT), range(300)))
+        list(pool.map(lambda _: client.process(job, cluster.image, TIMEOUT), range(300)))
     assert sorted(served(r) for r in replicas) == [0, 0, 300]
 
 

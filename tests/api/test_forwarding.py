@@ -1,0 +1,33 @@
+"""The API's hand-assembled processor request is the message protobuf would have built."""
+
+from __future__ import annotations
+
+import pytest
+
+from api.forwarding import encode_request
+from processor.pb import processor_pb2 as ppb
+
+JOB = ppb.ProcessRequest(
+    scaling=ppb.Scaling(width=1024, height=768, mode=ppb.FIT_MODE_PAD, pad_color=0x102030),
+    grayscale=True,
+    format=ppb.FORMAT_JPEG,
+    quality=85,
+)
+
+
+# Lengths on both sides of each varint byte boundary, and a photo-sized image.
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152, 2_450_000])
+def test_encoded_request_parses_to_the_job_with_the_image(size: int) -> None:
+    image = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    parsed = ppb.ProcessRequest.FromString(encode_request(JOB, image))
+    expected = ppb.ProcessRequest()
+    expected.CopyFrom(JOB)
+    expected.image = image
+    assert parsed == expected
+    assert parsed.image == image
+
+
+def test_a_job_without_scaling_stays_without_it() -> None:
+    parsed = ppb.ProcessRequest.FromString(encode_request(ppb.ProcessRequest(grayscale=True), b"x"))
+    assert not parsed.HasField("scaling")
+    assert (parsed.grayscale, parsed.image) == (True, b"x")
