@@ -109,15 +109,24 @@ def _time_arg(text: str) -> float:
 
 
 def _add_keygen(sub: Any, env: _EnvOptions) -> None:
-    p = sub.add_parser("keygen", help="new signing key and its public JWKS entry",
-                       description="Write KID.pem (private, mode 0600) to --out and add the "
-                       "public key to a JWKS file, keeping the keys already there (rotation).")
+    p = sub.add_parser(
+        "keygen",
+        help="new signing key and its public JWKS entry",
+        description="Write KID.pem (private, mode 0600) to --out and add the "
+        "public key to a JWKS file, keeping the keys already there (rotation).",
+    )
     env.add(p, "--out", "directory for the private key", metavar="DIR", required=True)
-    env.add(p, "--alg", "signature algorithm", choices=sorted(keys.SUPPORTED_ALGORITHMS),
-            default="EdDSA")
+    env.add(
+        p,
+        "--alg",
+        "signature algorithm",
+        choices=sorted(keys.SUPPORTED_ALGORITHMS),
+        default="EdDSA",
+    )
     env.add(p, "--kid", "key id (default: date and random suffix)", metavar="KID")
-    env.add(p, "--jwks", "JWKS file to add the public key to (default: DIR/jwks.json)",
-            metavar="FILE")
+    env.add(
+        p, "--jwks", "JWKS file to add the public key to (default: DIR/jwks.json)", metavar="FILE"
+    )
     p.set_defaults(run=_keygen)
 
 
@@ -133,8 +142,18 @@ def _keygen(args: argparse.Namespace) -> None:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_private(key_path, keys.private_pem(private))
     _write_atomically(jwks_path, json.dumps(document, indent=2).encode() + b"\n")
-    print(json.dumps({"kid": kid, "alg": args.alg, "key": str(key_path), "jwks": str(jwks_path),
-                      "kids": [k["kid"] for k in document["keys"]]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "kid": kid,
+                "alg": args.alg,
+                "key": str(key_path),
+                "jwks": str(jwks_path),
+                "kids": [k["kid"] for k in document["keys"]],
+            },
+            indent=2,
+        )
+    )
 
 
 def _jwks_with(path: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -180,14 +199,22 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _add_mint(sub: Any, env: _EnvOptions) -> None:
-    p = sub.add_parser("mint", help="print a signed token",
-                       description="Print a token for a tenant, signed with a private key from "
-                       "keygen; the kid defaults to the key file's name without .pem.")
+    p = sub.add_parser(
+        "mint",
+        help="print a signed token",
+        description="Print a token for a tenant, signed with a private key from "
+        "keygen; the kid defaults to the key file's name without .pem.",
+    )
     env.add(p, "--key", "private key PEM written by keygen", metavar="FILE", required=True)
     env.add(p, "--kid", "key id (default: the key file name without .pem)", metavar="KID")
     env.add(p, "--tenant", "tenant id", metavar="ID", required=True)
-    env.add(p, "--scope", f"scope to grant, one of {', '.join(sorted(SCOPES))}",
-            action="append", metavar="SCOPE")
+    env.add(
+        p,
+        "--scope",
+        f"scope to grant, one of {', '.join(sorted(SCOPES))}",
+        action="append",
+        metavar="SCOPE",
+    )
     env.add(p, "--ttl", "lifetime such as 15m, 1h or 2d", type=_duration, default="1h")
     env.add(p, "--max-ttl", "refuse a --ttl above this", type=_duration, default="24h")
     env.add(p, "--subject", "sub claim (default: the tenant id)", metavar="SUB")
@@ -213,8 +240,16 @@ def _mint(args: argparse.Namespace) -> None:
     kid = args.kid or Path(args.key).name.removesuffix(".pem")
     if not keys.KID_PATTERN.fullmatch(kid):
         raise Refused(f"cannot use {kid!r} as kid; pass --kid")
-    token = mint(private, kid, tenant=args.tenant, scopes=args.scope, ttl=args.ttl,
-                 issuer=args.issuer, audience=args.audience, subject=args.subject)
+    token = mint(
+        private,
+        kid,
+        tenant=args.tenant,
+        scopes=args.scope,
+        ttl=args.ttl,
+        issuer=args.issuer,
+        audience=args.audience,
+        subject=args.subject,
+    )
     if args.json:
         claims = jwt.decode(token, options={"verify_signature": False})
         print(json.dumps({"token": token, "kid": kid, "claims": claims}, indent=2))
@@ -233,16 +268,18 @@ def _private_key(path: str) -> keys.PrivateKey:
 
 
 def _add_inspect(sub: Any, env: _EnvOptions) -> None:
-    p = sub.add_parser("inspect", help="verify a token and print its claims or why it is refused",
-                       description="Verify TOKEN as the API would (without revocations) and "
-                       "print header and claims as JSON; exit 1 with the reason if refused.")
+    p = sub.add_parser(
+        "inspect",
+        help="verify a token and print its claims or why it is refused",
+        description="Verify TOKEN as the API would (without revocations) and "
+        "print header and claims as JSON; exit 1 with the reason if refused.",
+    )
     env.add(p, "token", "the token, or - to read it from stdin", nargs="?", metavar="TOKEN")
     env.add(p, "--jwks", "JWKS file with the public keys", metavar="FILE", required=True)
     _add_issuer_audience(p, env)
     env.add(p, "--max-ttl", "largest accepted exp - iat", type=_duration, default="24h")
     env.add(p, "--token-leeway", "clock slack in seconds", type=float, default=30.0)
-    env.add(p, "--algorithms", "allowed algorithms, comma-separated", type=_split,
-            default="EdDSA")
+    env.add(p, "--algorithms", "allowed algorithms, comma-separated", type=_split, default="EdDSA")
     p.set_defaults(run=_inspect)
 
 
@@ -250,13 +287,19 @@ def _inspect(args: argparse.Namespace) -> int:
     token = sys.stdin.read().strip() if args.token in (None, "-") else args.token.strip()
     try:
         settings = AuthSettings(
-            issuer=args.issuer, audience=args.audience, leeway=args.token_leeway,
-            max_lifetime=args.max_ttl, algorithms=frozenset(args.algorithms))
+            issuer=args.issuer,
+            audience=args.audience,
+            leeway=args.token_leeway,
+            max_lifetime=args.max_ttl,
+            algorithms=frozenset(args.algorithms),
+        )
         store = keys.KeyStore(args.jwks, settings.algorithms)
     except (ValueError, InvalidFile) as exc:
         raise Refused(str(exc)) from exc
-    report: dict[str, Any] = {"header": _unverified(jwt.get_unverified_header, token),
-                              "claims": _unverified(_unverified_claims, token)}
+    report: dict[str, Any] = {
+        "header": _unverified(jwt.get_unverified_header, token),
+        "claims": _unverified(_unverified_claims, token),
+    }
     try:
         TokenVerifier(settings, store).verify(token)
     except AuthError as exc:
@@ -283,26 +326,48 @@ def _unverified(read: Callable[[str], Any], token: str) -> Any:
 
 
 def _add_revoke(sub: Any, env: _EnvOptions) -> None:
-    p = sub.add_parser("revoke", help="revoke one token (by jti) or a tenant's older tokens",
-                       description="Record a revocation in the Redis shared by the API replicas.")
-    env.add(p, "--revocations", "the API's revocation store, redis://HOST:PORT/DB",
-            metavar="URL", required=True)
+    p = sub.add_parser(
+        "revoke",
+        help="revoke one token (by jti) or a tenant's older tokens",
+        description="Record a revocation in the Redis shared by the API replicas.",
+    )
+    env.add(
+        p,
+        "--revocations",
+        "the API's revocation store, redis://HOST:PORT/DB",
+        metavar="URL",
+        required=True,
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", help="revoke the token with this jti")
-    which.add_argument("--tenant", metavar="ID",
-                       help="revoke the tenant's tokens issued before --before")
-    env.add(p, "--expires", "with --jti: when the token expires (default: now + --max-ttl)",
-            type=_time_arg, metavar="TIME")
+    which.add_argument(
+        "--tenant", metavar="ID", help="revoke the tenant's tokens issued before --before"
+    )
+    env.add(
+        p,
+        "--expires",
+        "with --jti: when the token expires (default: now + --max-ttl)",
+        type=_time_arg,
+        metavar="TIME",
+    )
     env.add(p, "--max-ttl", "the API's maximum token lifetime", type=_duration, default="24h")
-    env.add(p, "--before", "with --tenant: now, Unix seconds or ISO 8601 (default now)",
-            type=_time_arg, default="now", metavar="TIME")
+    env.add(
+        p,
+        "--before",
+        "with --tenant: now, Unix seconds or ISO 8601 (default now)",
+        type=_time_arg,
+        default="now",
+        metavar="TIME",
+    )
     p.set_defaults(run=_revoke)
 
 
 def _revoke(args: argparse.Namespace) -> None:
     if not args.revocations.startswith(("redis://", "rediss://", "unix://")):
-        raise Refused("--revocations must be the API's redis:// URL "
-                      "(a memory:// store lives inside one API process)")
+        raise Refused(
+            "--revocations must be the API's redis:// URL "
+            "(a memory:// store lives inside one API process)"
+        )
     store = RedisRevocations(args.revocations)
     try:
         if args.jti:
@@ -326,8 +391,11 @@ def _revoke(args: argparse.Namespace) -> None:
 def _add_tenants(sub: Any, env: _EnvOptions) -> None:
     p = sub.add_parser("tenants", help="tenant registry tools")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    check = actions.add_parser("check", help="validate a tenant registry file",
-                               description="Exit 0 if FILE is a valid registry, else 1.")
+    check = actions.add_parser(
+        "check",
+        help="validate a tenant registry file",
+        description="Exit 0 if FILE is a valid registry, else 1.",
+    )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=_tenants_check)
 
@@ -343,8 +411,9 @@ def _tenants_check(args: argparse.Namespace) -> None:
 
 
 def build_parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, _EnvOptions]:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     env = _EnvOptions(environ)
     for add in (_add_keygen, _add_mint, _add_inspect, _add_revoke, _add_tenants):

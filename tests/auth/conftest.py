@@ -27,8 +27,11 @@ def signing_key(keyring: KeyRing) -> SigningKey:
 def forge() -> Callable[..., str]:
     """A compact JWS from any header and payload; ``sign`` maps signing input to signature."""
 
-    def build(header: dict[str, Any], payload: dict[str, Any],
-              sign: Callable[[bytes], bytes] | None = None) -> str:
+    def build(
+        header: dict[str, Any],
+        payload: dict[str, Any],
+        sign: Callable[[bytes], bytes] | None = None,
+    ) -> str:
         signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
         signature = sign(signing_input.encode()) if sign else b""
         return f"{signing_input}.{b64(signature)}"

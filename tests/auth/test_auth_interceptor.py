@@ -57,8 +57,12 @@ class EchoPrincipal(imagescaler_pb2_grpc.ImageScalerServicer):
         except ServiceError as exc:
             context.abort(status_code(exc), str(exc))
         principal = current()
-        seen = {"tenant": principal.tenant_id, "scopes": sorted(principal.scopes),
-                "anonymous": principal.anonymous, "jti": principal.claims.jti}
+        seen = {
+            "tenant": principal.tenant_id,
+            "scopes": sorted(principal.scopes),
+            "anonymous": principal.anonymous,
+            "jti": principal.claims.jti,
+        }
         return imagescaler_pb2.ScaleImageReply(content=json.dumps(seen).encode())
 
 
@@ -82,12 +86,18 @@ class Servers:
         self.channels: list[grpc.Channel] = []
 
     def start(self, interceptor: grpc.ServerInterceptor, options: Any = BIG_METADATA) -> int:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                             interceptors=[interceptor], options=options)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor], options=options
+        )
         imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(EchoPrincipal(), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "test.Echo", {"Stream": grpc.unary_stream_rpc_method_handler(stream_steps)})])
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "test.Echo", {"Stream": grpc.unary_stream_rpc_method_handler(stream_steps)}
+                )
+            ]
+        )
         reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME], server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -98,14 +108,20 @@ class Servers:
         self.channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
         return self.channels[-1]
 
-    def call(self, port: int, token: str | None = None, url: str = "",
-             metadata: list[tuple[str, str]] | None = None) -> Result:
+    def call(
+        self,
+        port: int,
+        token: str | None = None,
+        url: str = "",
+        metadata: list[tuple[str, str]] | None = None,
+    ) -> Result:
         stub = imagescaler_pb2_grpc.ImageScalerStub(self.channel(port))
         sent = list(metadata or []) + ([("authorization", f"Bearer {token}")] if token else [])
         image = imagescaler_pb2.Image(source=imagescaler_pb2.ImageSource(http_uri=url))
         try:
-            reply = stub.ScaleImage(imagescaler_pb2.ScaleImageRequest(image=image),
-                                    metadata=sent, timeout=10)
+            reply = stub.ScaleImage(
+                imagescaler_pb2.ScaleImageRequest(image=image), metadata=sent, timeout=10
+            )
         except grpc.RpcError as exc:
             return Result(exc.code(), exc.details() or "", None)
         return Result(grpc.StatusCode.OK, "", json.loads(reply.content))
@@ -131,15 +147,17 @@ def tenants(tmp_path: Path) -> TenantRegistry:
     return TenantRegistry(path, interval=0)
 
 
-def interceptor(keyring: KeyRing, tenants: TenantRegistry,
-                revocations: Revocations | None = None) -> AuthInterceptor:
+def interceptor(
+    keyring: KeyRing, tenants: TenantRegistry, revocations: Revocations | None = None
+) -> AuthInterceptor:
     verifier = TokenVerifier(AuthSettings(), KeyStore(keyring.path, interval=0), revocations)
     return AuthInterceptor(verifier, tenants)
 
 
 @pytest.fixture
-def port(servers: Servers, keyring: KeyRing, signing_key: SigningKey,
-         tenants: TenantRegistry) -> int:
+def port(
+    servers: Servers, keyring: KeyRing, signing_key: SigningKey, tenants: TenantRegistry
+) -> int:
     return servers.start(interceptor(keyring, tenants))
 
 
@@ -150,13 +168,18 @@ def unauthenticated(result: Result, reason: str) -> None:
 def test_valid_token_reaches_the_handler_as_its_tenant(
     servers: Servers, port: int, signing_key: SigningKey
 ) -> None:
-    token = signing_key.token("acme", scopes=["scale:content", "scale:url", "results:store"],
-                              jti="t1")
+    token = signing_key.token(
+        "acme", scopes=["scale:content", "scale:url", "results:store"], jti="t1"
+    )
     result = servers.call(port, token)
     assert result.code == grpc.StatusCode.OK
     # results:store is in the token but not allowed for the tenant: effective scopes drop it
-    assert result.reply == {"tenant": "acme", "scopes": ["scale:content", "scale:url"],
-                            "anonymous": False, "jti": "t1"}
+    assert result.reply == {
+        "tenant": "acme",
+        "scopes": ["scale:content", "scale:url"],
+        "anonymous": False,
+        "jti": "t1",
+    }
 
 
 @pytest.mark.parametrize(
@@ -169,8 +192,10 @@ def test_valid_token_reaches_the_handler_as_its_tenant(
         ([("authorization", "Token abc")], "not a bearer token"),
         ([("authorization", "Bearer  ")], "malformed authorization header"),
         ([("authorization", "Bearer a b")], "malformed authorization header"),
-        ([("authorization", "Bearer x"), ("authorization", "Bearer y")],
-         "several authorization headers"),
+        (
+            [("authorization", "Bearer x"), ("authorization", "Bearer y")],
+            "several authorization headers",
+        ),
         ([("authorization", "Bearer " + "a" * 16384)], "authorization header too large"),
         ([("x-token", "Bearer abc")], "missing bearer token"),
     ],
@@ -192,16 +217,27 @@ def test_oversized_header_with_default_grpc_limits_is_refused_too(
 
 def _hs256_with_public_key(key: SigningKey, forge: Callable[..., str]) -> str:
     secret = key.private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     claims = jwt_claims()
-    return forge({"alg": "HS256", "kid": key.kid}, claims,
-                 sign=lambda data: hmac.new(secret, data, hashlib.sha256).digest())
+    return forge(
+        {"alg": "HS256", "kid": key.kid},
+        claims,
+        sign=lambda data: hmac.new(secret, data, hashlib.sha256).digest(),
+    )
 
 
 def jwt_claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims = {"iss": "imagescaler-admin", "aud": "imagescaler", "sub": "acme",
-              "tenant": "acme", "iat": now, "exp": now + 600, "jti": "j"}
+    claims = {
+        "iss": "imagescaler-admin",
+        "aud": "imagescaler",
+        "sub": "acme",
+        "tenant": "acme",
+        "iat": now,
+        "exp": now + 600,
+        "jti": "j",
+    }
     return {**claims, **overrides}
 
 
@@ -212,36 +248,62 @@ def _tampered(key: SigningKey, forge: Callable[..., str]) -> str:
 
 
 TOKENS: list[tuple[str, Callable[[SigningKey, Callable[..., str]], str], str]] = [
-    ("alg none", lambda k, f: f({"alg": "none", "kid": k.kid}, jwt_claims(), lambda _: b"x"),
-     "algorithm not allowed"),
+    (
+        "alg none",
+        lambda k, f: f({"alg": "none", "kid": k.kid}, jwt_claims(), lambda _: b"x"),
+        "algorithm not allowed",
+    ),
     ("hs256 with public key", _hs256_with_public_key, "algorithm not allowed"),
     ("expired", lambda k, f: k.token(now=time.time() - 700, ttl=600), "expired"),
-    ("nbf in the future",
-     lambda k, f: k.token(extra_claims={"nbf": int(time.time()) + 600}), "not yet valid"),
+    (
+        "nbf in the future",
+        lambda k, f: k.token(extra_claims={"nbf": int(time.time()) + 600}),
+        "not yet valid",
+    ),
     ("wrong aud", lambda k, f: k.token(audience="other-service"), "wrong audience"),
     ("wrong iss", lambda k, f: k.token(issuer="someone"), "wrong issuer"),
-    ("unknown kid", lambda k, f: SigningKey(generate_private_key(), "other").token(),
-     "unknown key"),
+    (
+        "unknown kid",
+        lambda k, f: SigningKey(generate_private_key(), "other").token(),
+        "unknown key",
+    ),
     ("tampered payload", _tampered, "bad signature"),
-    ("missing tenant", lambda k, f: k.token(extra_claims={"tenant": None}),
-     "missing claim: tenant"),
+    (
+        "missing tenant",
+        lambda k, f: k.token(extra_claims={"tenant": None}),
+        "missing claim: tenant",
+    ),
     ("missing jti", lambda k, f: k.token(extra_claims={"jti": None}), "missing claim: jti"),
     ("lifetime above max", lambda k, f: k.token(ttl=2 * 86400), "lifetime too long"),
-    ("jku header", lambda k, f: k.token(extra_headers={"jku": "http://127.0.0.1:1/k"}),
-     "unsupported header: jku"),
-    ("crit header", lambda k, f: k.token(extra_headers={"crit": ["exp"]}),
-     "unsupported header: crit"),
+    (
+        "jku header",
+        lambda k, f: k.token(extra_headers={"jku": "http://127.0.0.1:1/k"}),
+        "unsupported header: jku",
+    ),
+    (
+        "crit header",
+        lambda k, f: k.token(extra_headers={"crit": ["exp"]}),
+        "unsupported header: crit",
+    ),
     ("path-like kid", lambda k, f: SigningKey(k.private, "../../jwks").token(), "malformed kid"),
-    ("16 KB token", lambda k, f: k.token(extra_claims={"pad": "x" * 12000}),
-     "authorization header too large"),
+    (
+        "16 KB token",
+        lambda k, f: k.token(extra_claims={"pad": "x" * 12000}),
+        "authorization header too large",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("make", "reason"), [(m, r) for _, m, r in TOKENS],
-                         ids=[name for name, _, _ in TOKENS])
+@pytest.mark.parametrize(
+    ("make", "reason"), [(m, r) for _, m, r in TOKENS], ids=[name for name, _, _ in TOKENS]
+)
 def test_refused_tokens(
-    servers: Servers, port: int, signing_key: SigningKey, forge: Callable[..., str],
-    make: Callable[[SigningKey, Callable[..., str]], str], reason: str,
+    servers: Servers,
+    port: int,
+    signing_key: SigningKey,
+    forge: Callable[..., str],
+    make: Callable[[SigningKey, Callable[..., str]], str],
+    reason: str,
 ) -> None:
     unauthenticated(servers.call(port, make(signing_key, forge)), reason)
 
@@ -263,19 +325,40 @@ def test_failures_are_logged_with_reason_and_kid_never_the_token(
     ("tenant", "scopes", "url", "code", "details"),
     [
         ("gone", ["scale:content"], "", grpc.StatusCode.PERMISSION_DENIED, "tenant disabled: gone"),
-        ("nobody", ["scale:content"], "", grpc.StatusCode.PERMISSION_DENIED,
-         "unknown tenant: nobody"),
-        ("acme", ["scale:content"], "http://example.test/a.jpg",
-         grpc.StatusCode.PERMISSION_DENIED, "missing scope: scale:url"),
-        ("small", ["scale:content", "scale:url"], "http://example.test/a.jpg",
-         grpc.StatusCode.PERMISSION_DENIED, "missing scope: scale:url"),
+        (
+            "nobody",
+            ["scale:content"],
+            "",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "unknown tenant: nobody",
+        ),
+        (
+            "acme",
+            ["scale:content"],
+            "http://example.test/a.jpg",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "missing scope: scale:url",
+        ),
+        (
+            "small",
+            ["scale:content", "scale:url"],
+            "http://example.test/a.jpg",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "missing scope: scale:url",
+        ),
         ("acme", [], "", grpc.StatusCode.PERMISSION_DENIED, "missing scope: scale:content"),
         ("acme", ["scale:url"], "http://example.test/a.jpg", grpc.StatusCode.OK, ""),
     ],
 )
 def test_tenants_and_scopes(
-    servers: Servers, port: int, signing_key: SigningKey, tenant: str, scopes: list[str],
-    url: str, code: grpc.StatusCode, details: str,
+    servers: Servers,
+    port: int,
+    signing_key: SigningKey,
+    tenant: str,
+    scopes: list[str],
+    url: str,
+    code: grpc.StatusCode,
+    details: str,
 ) -> None:
     result = servers.call(port, signing_key.token(tenant, scopes=scopes), url=url)
     assert (result.code, result.details) == (code, details)
@@ -321,8 +404,10 @@ def test_streaming_handlers_see_the_principal_on_every_step(
 ) -> None:
     stream = servers.channel(port).unary_stream("/test.Echo/Stream")
     token = signing_key.token("small")
-    assert list(stream(b"", metadata=[("authorization", f"Bearer {token}")], timeout=5)) == [
-        b"small"] * 3
+    assert (
+        list(stream(b"", metadata=[("authorization", f"Bearer {token}")], timeout=5))
+        == [b"small"] * 3
+    )
     with pytest.raises(grpc.RpcError) as info:
         list(stream(b"", timeout=5))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -339,16 +424,23 @@ def test_concurrent_calls_each_see_their_own_tenant(
 
 
 def test_revoked_jti_is_refused_by_every_replica_sharing_redis(
-    servers: Servers, keyring: KeyRing, signing_key: SigningKey, tenants: TenantRegistry,
+    servers: Servers,
+    keyring: KeyRing,
+    signing_key: SigningKey,
+    tenants: TenantRegistry,
     start_redis: Callable[[], Any],
 ) -> None:
     redis_server = start_redis()
-    replicas = [servers.start(interceptor(keyring, tenants, RedisRevocations(redis_server.url)))
-                for _ in range(2)]
+    replicas = [
+        servers.start(interceptor(keyring, tenants, RedisRevocations(redis_server.url)))
+        for _ in range(2)
+    ]
     stolen, other = signing_key.token(jti="stolen"), signing_key.token(jti="fine")
     assert [servers.call(p, stolen).code for p in replicas] == [grpc.StatusCode.OK] * 2
-    assert admin.main(["revoke", "--revocations", redis_server.url, "--jti", "stolen"],
-                      environ={}) == 0
+    assert (
+        admin.main(["revoke", "--revocations", redis_server.url, "--jti", "stolen"], environ={})
+        == 0
+    )
     for p in replicas:
         unauthenticated(servers.call(p, stolen), "token revoked")
         assert servers.call(p, other).code == grpc.StatusCode.OK
@@ -357,7 +449,10 @@ def test_revoked_jti_is_refused_by_every_replica_sharing_redis(
 
 
 def test_tenant_tokens_issued_before_a_moment_are_revoked(
-    servers: Servers, keyring: KeyRing, signing_key: SigningKey, tenants: TenantRegistry,
+    servers: Servers,
+    keyring: KeyRing,
+    signing_key: SigningKey,
+    tenants: TenantRegistry,
 ) -> None:
     revocations = MemoryRevocations()
     port = servers.start(interceptor(keyring, tenants, revocations))
@@ -369,7 +464,10 @@ def test_tenant_tokens_issued_before_a_moment_are_revoked(
 
 
 def test_redis_down_fails_closed_with_unavailable_and_recovers(
-    servers: Servers, keyring: KeyRing, signing_key: SigningKey, tenants: TenantRegistry,
+    servers: Servers,
+    keyring: KeyRing,
+    signing_key: SigningKey,
+    tenants: TenantRegistry,
     start_redis: Callable[[], Any],
 ) -> None:
     redis_server = start_redis()
@@ -378,8 +476,10 @@ def test_redis_down_fails_closed_with_unavailable_and_recovers(
     assert servers.call(port, token).code == grpc.StatusCode.OK
     redis_server.stop()
     result = servers.call(port, token)
-    assert (result.code, result.details) == (grpc.StatusCode.UNAVAILABLE,
-                                             "revocation store unavailable")
+    assert (result.code, result.details) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "revocation store unavailable",
+    )
     redis_server.start()
     assert servers.call(port, token).code == grpc.StatusCode.OK
 
@@ -390,13 +490,19 @@ def test_auth_none_serves_everyone_as_legacy_and_says_so(
     with caplog.at_level(logging.WARNING, logger="api.interceptors"):
         port = servers.start(AnonymousInterceptor())
         result = servers.call(port)
-    assert result.reply == {"tenant": "legacy", "scopes": ["scale:content", "scale:url"],
-                            "anonymous": True, "jti": "anonymous"}
+    assert result.reply == {
+        "tenant": "legacy",
+        "scopes": ["scale:content", "scale:url"],
+        "anonymous": True,
+        "jti": "anonymous",
+    }
     messages = [r.getMessage() for r in caplog.records]
     assert any("AUTHENTICATION IS OFF" in m for m in messages)
     path = tmp_path / "legacy.yaml"
     path.write_text("tenants: [{id: legacy, enabled: false}]")
     disabled = servers.start(AnonymousInterceptor(TenantRegistry(path)))
     result = servers.call(disabled)
-    assert (result.code, result.details) == (grpc.StatusCode.PERMISSION_DENIED,
-                                             "tenant disabled: legacy")
+    assert (result.code, result.details) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "tenant disabled: legacy",
+    )

@@ -45,8 +45,12 @@ def test_only_allowed_asymmetric_signing_keys_are_used(caplog: pytest.LogCapture
         {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac-no-alg"},
         {**private_jwk, "kid": "private"},
         jwk("ES256", "es256-not-configured"),
-        {**jwt.get_algorithm_by_name("ES384").to_jwk(
-            ec.generate_private_key(ec.SECP384R1()).public_key(), as_dict=True), "kid": "p384"},
+        {
+            **jwt.get_algorithm_by_name("ES384").to_jwk(
+                ec.generate_private_key(ec.SECP384R1()).public_key(), as_dict=True
+            ),
+            "kid": "p384",
+        },
         jwk("EdDSA", "claims-rs256", alg="RS256"),
         jwk("EdDSA", "claims-none", alg="none"),
         jwk("EdDSA", "encryption", use="enc"),
@@ -62,8 +66,9 @@ def test_only_allowed_asymmetric_signing_keys_are_used(caplog: pytest.LogCapture
 
 
 def test_configured_algorithms_enable_es256_and_rs256() -> None:
-    both = parse_jwks(document(jwk("ES256", "es"), jwk("RS256", "rs")),
-                      frozenset({"ES256", "RS256"}))
+    both = parse_jwks(
+        document(jwk("ES256", "es"), jwk("RS256", "rs")), frozenset({"ES256", "RS256"})
+    )
     assert {kid: k.algorithm_name for kid, k in both.items()} == {"es": "ES256", "rs": "RS256"}
     with pytest.raises(ValueError, match="algorithms"):
         KeyStore("unused.json", frozenset({"HS256"}))

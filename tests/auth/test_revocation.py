@@ -21,8 +21,15 @@ from processor.errors import Unavailable
 
 def claims(jti: str = "j1", tenant: str = "acme", issued_at: float | None = None) -> Claims:
     issued = time.time() - 10 if issued_at is None else issued_at
-    return Claims(tenant=tenant, subject="s", scopes=frozenset(), jti=jti,
-                  issued_at=issued, expires_at=issued + 3600, kid="k")
+    return Claims(
+        tenant=tenant,
+        subject="s",
+        scopes=frozenset(),
+        jti=jti,
+        issued_at=issued,
+        expires_at=issued + 3600,
+        kid="k",
+    )
 
 
 @pytest.fixture(params=["memory", "redis"])

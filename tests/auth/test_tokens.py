@@ -46,8 +46,16 @@ def refused(verifier: TokenVerifier, token: str) -> str:
 
 
 def valid_claims(**overrides: Any) -> dict[str, Any]:
-    claims = {"iss": "imagescaler-admin", "aud": "imagescaler", "sub": "acme", "tenant": "acme",
-              "scope": "scale:content", "iat": int(NOW), "exp": int(NOW) + 600, "jti": "j1"}
+    claims = {
+        "iss": "imagescaler-admin",
+        "aud": "imagescaler",
+        "sub": "acme",
+        "tenant": "acme",
+        "scope": "scale:content",
+        "iat": int(NOW),
+        "exp": int(NOW) + 600,
+        "jti": "j1",
+    }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -77,11 +85,15 @@ def test_hs256_signed_with_the_public_key_is_refused(
     verifier: TokenVerifier, signing_key: SigningKey, keyring: KeyRing, forge: Callable[..., str]
 ) -> None:
     public_pem = signing_key.private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     raw_jwk = keyring.entries[0]["x"].encode()
     for secret in (public_pem, raw_jwk):
-        token = forge({"alg": "HS256", "kid": "main", "typ": "JWT"}, valid_claims(),
-                      sign=lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest())
+        token = forge(
+            {"alg": "HS256", "kid": "main", "typ": "JWT"},
+            valid_claims(),
+            sign=lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest(),
+        )
         assert refused(verifier, token) == "algorithm not allowed"
 
 
@@ -142,8 +154,9 @@ def test_claim_checks(
 def test_every_required_claim(
     verifier: TokenVerifier, signing_key: SigningKey, forge: Callable[..., str], claim: str
 ) -> None:
-    token = forge({"alg": "EdDSA", "kid": "main"}, valid_claims(**{claim: None}),
-                  sign=sign_with(signing_key))
+    token = forge(
+        {"alg": "EdDSA", "kid": "main"}, valid_claims(**{claim: None}), sign=sign_with(signing_key)
+    )
     assert refused(verifier, token) == f"missing claim: {claim}"
 
 
@@ -206,8 +219,11 @@ def test_headers_that_would_fetch_or_read_are_refused_without_doing_it(
     reason: str,
 ) -> None:
     port = listener.getsockname()[1]
-    header = {"alg": "EdDSA", "kid": "main",
-              **{k: (v.format(port=port) if isinstance(v, str) else v) for k, v in extra.items()}}
+    header = {
+        "alg": "EdDSA",
+        "kid": "main",
+        **{k: (v.format(port=port) if isinstance(v, str) else v) for k, v in extra.items()},
+    }
     header = {k: v for k, v in header.items() if v is not None}
     token = forge(header, valid_claims(), sign=sign_with(signing_key))
     assert refused(verifier, token) == reason
@@ -225,8 +241,17 @@ def listener() -> Iterator[socket.socket]:
         yield sock
 
 
-_AUDITED = frozenset({"open", "socket.connect", "socket.getaddrinfo", "urllib.Request",
-                      "http.client.connect", "subprocess.Popen", "os.listdir"})
+_AUDITED = frozenset(
+    {
+        "open",
+        "socket.connect",
+        "socket.getaddrinfo",
+        "urllib.Request",
+        "http.client.connect",
+        "subprocess.Popen",
+        "os.listdir",
+    }
+)
 
 
 class _AuditRecorder:
@@ -238,8 +263,7 @@ class _AuditRecorder:
         sys.addaudithook(self._hook)
 
     def _hook(self, event: str, args: Any) -> None:
-        if (self.events is not None and event in _AUDITED
-                and threading.get_ident() == self.thread):
+        if self.events is not None and event in _AUDITED and threading.get_ident() == self.thread:
             self.events.append((event, args))
 
 
@@ -276,8 +300,14 @@ def test_revoked_token(keyring: KeyRing, signing_key: SigningKey) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"algorithms": frozenset({"HS256"})}, {"algorithms": frozenset({"none"})},
-     {"algorithms": frozenset()}, {"leeway": -1}, {"max_lifetime": 0}, {"issuer": ""}],
+    [
+        {"algorithms": frozenset({"HS256"})},
+        {"algorithms": frozenset({"none"})},
+        {"algorithms": frozenset()},
+        {"leeway": -1},
+        {"max_lifetime": 0},
+        {"issuer": ""},
+    ],
 )
 def test_settings_are_validated(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -293,8 +323,9 @@ def test_mint_refuses_what_the_verifier_would(signing_key: SigningKey) -> None:
     assert header == {"alg": "EdDSA", "kid": "main", "typ": "JWT"}
 
 
-@pytest.mark.parametrize(("text", "seconds"),
-                         [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("2d", 172800)]
+)
 def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
 

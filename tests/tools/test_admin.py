@@ -28,8 +28,9 @@ from tools import admin
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str,
-        environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+def run(
+    capsys: pytest.CaptureFixture[str], *argv: str, environ: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     status = admin.main(list(argv), environ=environ or {})
     out, err = capsys.readouterr()
     return status, out, err
@@ -61,8 +62,10 @@ def serve(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
     def start(jwks: Path) -> int:
         (tmp_path / "tenants.yaml").write_text("tenants: [{id: acme}]")
         verifier = TokenVerifier(AuthSettings(), KeyStore(jwks, interval=0))
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[
-            AuthInterceptor(verifier, TenantRegistry(tmp_path / "tenants.yaml"))])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2),
+            interceptors=[AuthInterceptor(verifier, TenantRegistry(tmp_path / "tenants.yaml"))],
+        )
         imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(Echo(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -78,8 +81,11 @@ def call(port: int, token: str) -> tuple[grpc.StatusCode, bytes | str]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = imagescaler_pb2_grpc.ImageScalerStub(channel)
         try:
-            reply = stub.ScaleImage(imagescaler_pb2.ScaleImageRequest(),
-                                    metadata=[("authorization", f"Bearer {token}")], timeout=10)
+            reply = stub.ScaleImage(
+                imagescaler_pb2.ScaleImageRequest(),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=10,
+            )
         except grpc.RpcError as exc:
             return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, reply.content
@@ -88,8 +94,18 @@ def call(port: int, token: str) -> tuple[grpc.StatusCode, bytes | str]:
 def test_round_trip_keygen_mint_inspect_call(
     keydir: Path, capsys: pytest.CaptureFixture[str], serve: Callable[[Path], int]
 ) -> None:
-    status, out, _ = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme",
-                         "--scope", "scale:content", "--ttl", "15m")
+    status, out, _ = run(
+        capsys,
+        "mint",
+        "--key",
+        str(keydir / "k1.pem"),
+        "--tenant",
+        "acme",
+        "--scope",
+        "scale:content",
+        "--ttl",
+        "15m",
+    )
     token = out.strip()
     assert status == 0 and token.count(".") == 2
     status, out, _ = run(capsys, "inspect", token, "--jwks", str(keydir / "jwks.json"))
@@ -123,19 +139,29 @@ def test_keygen_refuses_a_broken_jwks_without_writing_a_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "jwks.json").write_text("{oops")
-    status, _, err = run(capsys, "keygen", "--out", str(tmp_path / "k"), "--kid", "k1",
-                         "--jwks", str(tmp_path / "jwks.json"))
+    status, _, err = run(
+        capsys,
+        "keygen",
+        "--out",
+        str(tmp_path / "k"),
+        "--kid",
+        "k1",
+        "--jwks",
+        str(tmp_path / "jwks.json"),
+    )
     assert status == 1 and "cannot extend" in err
     assert not (tmp_path / "k" / "k1.pem").exists()
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
-def test_keygen_other_algorithms(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 alg: str) -> None:
+def test_keygen_other_algorithms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], alg: str
+) -> None:
     run(capsys, "keygen", "--out", str(tmp_path), "--kid", "k", "--alg", alg)
     token = run(capsys, "mint", "--key", str(tmp_path / "k.pem"), "--tenant", "acme")[1].strip()
-    status, out, _ = run(capsys, "inspect", token, "--jwks", str(tmp_path / "jwks.json"),
-                         "--algorithms", alg)
+    status, out, _ = run(
+        capsys, "inspect", token, "--jwks", str(tmp_path / "jwks.json"), "--algorithms", alg
+    )
     assert status == 0 and json.loads(out)["header"]["alg"] == alg
 
 
@@ -149,34 +175,52 @@ def test_keygen_other_algorithms(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--kid", "../x"], "cannot use '../x' as kid"),
     ],
 )
-def test_mint_refusals(keydir: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-                       message: str) -> None:
+def test_mint_refusals(
+    keydir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     base = ["mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme"]
     status, out, err = run(capsys, *base, *argv)
     assert (status, out) == (1, "") and message in err
 
 
 def test_mint_from_environment_and_json(keydir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    environ = {"IMAGESCALER_KEY": str(keydir / "k1.pem"), "IMAGESCALER_TENANT": "acme",
-               "IMAGESCALER_SCOPE": "scale:content, scale:url", "IMAGESCALER_TTL": "2m",
-               "IMAGESCALER_AUDIENCE": "from-env"}
+    environ = {
+        "IMAGESCALER_KEY": str(keydir / "k1.pem"),
+        "IMAGESCALER_TENANT": "acme",
+        "IMAGESCALER_SCOPE": "scale:content, scale:url",
+        "IMAGESCALER_TTL": "2m",
+        "IMAGESCALER_AUDIENCE": "from-env",
+    }
     status, out, _ = run(capsys, "mint", "--json", environ=environ)
     claims = json.loads(out)["claims"]
     assert status == 0
     assert (claims["tenant"], claims["scope"], claims["aud"]) == (
-        "acme", "scale:content scale:url", "from-env")
+        "acme",
+        "scale:content scale:url",
+        "from-env",
+    )
     assert claims["exp"] - claims["iat"] == 120
-    status, out, _ = run(capsys, "mint", "--json", "--scope", "scale:url", "--audience", "flag",
-                         environ=environ)
+    status, out, _ = run(
+        capsys, "mint", "--json", "--scope", "scale:url", "--audience", "flag", environ=environ
+    )
     claims = json.loads(out)["claims"]
     assert (claims["scope"], claims["aud"]) == ("scale:url", "flag")  # flags win, not merged
 
 
-def test_inspect_explains_refusals(keydir: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inspect_explains_refusals(
+    keydir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     jwks = str(keydir / "jwks.json")
-    token = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme",
-                "--audience", "elsewhere")[1].strip()
+    token = run(
+        capsys,
+        "mint",
+        "--key",
+        str(keydir / "k1.pem"),
+        "--tenant",
+        "acme",
+        "--audience",
+        "elsewhere",
+    )[1].strip()
     status, out, err = run(capsys, "inspect", token, "--jwks", jwks)
     report = json.loads(out)
     assert status == 1 and report["valid"] is False and report["reason"] == "wrong audience"
@@ -185,8 +229,12 @@ def test_inspect_explains_refusals(keydir: Path, capsys: pytest.CaptureFixture[s
     status, out, _ = run(capsys, "inspect", "-", "--jwks", jwks, "--audience", "elsewhere")
     assert status == 0 and json.loads(out)["valid"] is True
     status, out, _ = run(capsys, "inspect", "not-a-token", "--jwks", jwks)
-    assert status == 1 and json.loads(out) == {"valid": False, "reason": "malformed token",
-                                               "header": None, "claims": None}
+    assert status == 1 and json.loads(out) == {
+        "valid": False,
+        "reason": "malformed token",
+        "header": None,
+        "claims": None,
+    }
     status, _, err = run(capsys, "inspect", token, "--jwks", str(keydir / "k1.pem"))
     assert status == 1 and "not JSON" in err
 
@@ -194,25 +242,43 @@ def test_inspect_explains_refusals(keydir: Path, capsys: pytest.CaptureFixture[s
 def test_revoke_needs_a_shared_store(capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run(capsys, "revoke", "--revocations", "memory://", "--jti", "x")
     assert status == 1 and "must be the API's redis:// URL" in err
-    status, _, err = run(capsys, "revoke", "--revocations",
-                         f"redis://127.0.0.1:{free_port()}/0", "--tenant", "acme")
+    status, _, err = run(
+        capsys, "revoke", "--revocations", f"redis://127.0.0.1:{free_port()}/0", "--tenant", "acme"
+    )
     assert status == 1 and "revocation store unavailable" in err
     assert "one of the arguments --jti --tenant is required" in usage_error(
-        capsys, "revoke", "--revocations", "redis://127.0.0.1:1/0")
+        capsys, "revoke", "--revocations", "redis://127.0.0.1:1/0"
+    )
 
 
-def test_revoke_tenant_before_a_time(capsys: pytest.CaptureFixture[str],
-                                     start_redis: Callable[[], Any]) -> None:
+def test_revoke_tenant_before_a_time(
+    capsys: pytest.CaptureFixture[str], start_redis: Callable[[], Any]
+) -> None:
     url = start_redis().url
-    status, out, _ = run(capsys, "revoke", "--tenant", "acme", "--before",
-                         "2026-01-01T00:00:00Z", environ={"IMAGESCALER_REVOCATIONS": url})
+    status, out, _ = run(
+        capsys,
+        "revoke",
+        "--tenant",
+        "acme",
+        "--before",
+        "2026-01-01T00:00:00Z",
+        environ={"IMAGESCALER_REVOCATIONS": url},
+    )
     assert status == 0 and json.loads(out)["issued_before"] == 1767225600.0
     store = RedisRevocations(url)
     old = Claims("acme", "s", frozenset(), "j", 1767225599.0, 1767229199.0, "k")
     newer = Claims("acme", "s", frozenset(), "j", 1767225600.0, 1767229200.0, "k")
     assert store.is_revoked(old) and not store.is_revoked(newer)
-    status, _, _ = run(capsys, "revoke", "--revocations", url, "--jti", "j2",
-                       "--expires", str(int(time.time()) + 60))
+    status, _, _ = run(
+        capsys,
+        "revoke",
+        "--revocations",
+        url,
+        "--jti",
+        "j2",
+        "--expires",
+        str(int(time.time()) + 60),
+    )
     assert status == 0 and store.is_revoked(Claims("b", "s", frozenset(), "j2", 0, 1, "k"))
     store.close()
 
@@ -231,8 +297,7 @@ def test_tenants_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     good = tmp_path / "good.yaml"
     good.write_text("tenants:\n  - id: acme\n  - id: old\n    enabled: false\n")
     status, out, _ = run(capsys, "tenants", "check", str(good))
-    assert status == 0 and json.loads(out) == {"ok": True, "enabled": ["acme"],
-                                               "disabled": ["old"]}
+    assert status == 0 and json.loads(out) == {"ok": True, "enabled": ["acme"], "disabled": ["old"]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants:\n  - id: acme\n    storage: maybe\n")
     status, out, err = run(capsys, "tenants", "check", str(bad))
@@ -242,16 +307,24 @@ def test_tenants_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert "required: COMMAND" in usage_error(capsys)
-    assert "invalid choice" in usage_error(capsys, "keygen", "--out", str(tmp_path),
-                                           "--alg", "HS256")
+    assert "invalid choice" in usage_error(
+        capsys, "keygen", "--out", str(tmp_path), "--alg", "HS256"
+    )
     assert "expected a positive duration" in usage_error(
-        capsys, "mint", "--key", "k.pem", "--tenant", "acme", "--ttl", "soon")
+        capsys, "mint", "--key", "k.pem", "--tenant", "acme", "--ttl", "soon"
+    )
     assert "required: --key" in usage_error(capsys, "mint", "--tenant", "acme")
 
 
 def test_exit_codes_from_a_real_process(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("tenants: [{id: UPPER}]")
-    proc = subprocess.run([sys.executable, "-m", "tools.admin", "tenants", "check", str(bad)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.admin", "tenants", "check", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1 and "'id' must match" in proc.stderr
