@@ -12,7 +12,9 @@ work, and peak RSS):
   bite), loaded by a closed loop at ``--concurrency``, then by an open loop at ``--rate``
   (default: 70% of the closed loop's throughput). A second API (``--auth none``, in-memory
   rate limits) in front of the same processor is called in strict alternation with the first
-  at concurrency 1: the p50 difference is what authentication plus rate limiting cost.
+  at concurrency 1: the p50 difference is what authentication plus rate limiting cost. A bare
+  pass-through (``tools/floorproxy.py``) joins the alternation: what one Python gRPC hop
+  costs before any of the API's own code runs.
 
 Each ``--duration`` is cut into ``--rounds`` slices and the modes of a workload take turns,
 slice by slice: on a shared machine a noisy neighbour then slows every mode alike.
@@ -352,6 +354,7 @@ class Stack:
     processor: Server
     api: Server
     api_open: Server  # --auth none, in-memory rate limits: the baseline for the overhead
+    floor: Server  # tools/floorproxy.py: a bare pass-through, what one Python hop costs
     redis_url: str
     token: str
     idle_rss_mb: dict[str, float]
@@ -450,11 +453,18 @@ def processor_args(paths: dict[str, str], workers: int, queue: int) -> list[str]
     ]  # fmt: skip
 
 
+def processor_link(paths: dict[str, str], processor_port: int) -> list[str]:
+    """Where the processor is and the API's mTLS identity (the API's and floorproxy's flags)."""
+    return [
+        "--processor", f"127.0.0.1:{processor_port}", "--processor-ca", paths["ca.pem"],
+        "--processor-cert", paths["api.pem"], "--processor-key", paths["api-key.pem"],
+    ]  # fmt: skip
+
+
 def api_args(paths: dict[str, str], processor_port: int, secured: bool) -> list[str]:
     args = [
         "--listen", "127.0.0.1:0", "--metrics-port", "0",
-        "--processor", f"127.0.0.1:{processor_port}", "--processor-ca", paths["ca.pem"],
-        "--processor-cert", paths["api.pem"], "--processor-key", paths["api-key.pem"],
+        *processor_link(paths, processor_port),
         "--tenants", paths["tenants.yaml"], "--max-concurrent-rpcs", "1024",
     ]  # fmt: skip
     if not secured:
@@ -469,7 +479,8 @@ def api_args(paths: dict[str, str], processor_port: int, secured: bool) -> list[
 def running_stack(
     workers: int, queue: int, extra_env: Sequence[str], deployed: bool = True
 ) -> Iterator[Stack]:
-    """Redis, processor (mTLS), secured API and baseline API; all stopped on the way out."""
+    """Redis, processor (mTLS), secured API, baseline API and the bare pass-through; all
+    stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="imagescaler-bench-") as tmp:
         directory = Path(tmp)
         redis, redis_url = start_redis(directory)
@@ -486,11 +497,13 @@ def running_stack(
             for secured, name in ((True, "api.log"), (False, "api-open.log")):
                 args = api_args(paths, processor.port, secured)
                 started.append(spawn("api.server", args, directory / name, env))
+            floor_args = processor_link(paths, processor.port)
+            started.append(spawn("tools.floorproxy", floor_args, directory / "floor.log", env))
             for server in started[1:]:
                 wait_for_port(server)
             idle = {"processor": Proc("p", processor.proc.pid).memory_mb("VmRSS")}
             idle["api"] = Proc("a", started[1].proc.pid).memory_mb("VmRSS")
-            yield Stack(redis, processor, started[1], started[2], redis_url, token, idle)
+            yield Stack(redis, processor, *started[1:4], redis_url, token, idle)
         finally:
             stop_all([s.proc for s in started] + [redis])
 
@@ -618,18 +631,21 @@ def _open_row(
 
 
 def auth_overhead(stack: Stack, data: bytes, duration: float) -> dict[str, Any]:
-    """Secured and baseline API called in strict alternation at concurrency 1 (same load,
-    same processor, same moment), so drift on a noisy machine hits both alike."""
+    """Secured API, baseline API and the bare pass-through called in strict alternation at
+    concurrency 1 (same load, same processor, same moment), so drift on a noisy machine hits
+    them alike."""
     callers = {
         "secured": Caller.to(stack.api.port, data, stack.token),
         "baseline": Caller.to(stack.api_open.port, data, None),
+        "floor": Caller.to(stack.floor.port, data, None),
     }
     procs = [
         stack.api.info("secured"),
         stack.api_open.info("baseline"),
+        stack.floor.info("floor"),
         Proc("redis", stack.redis.pid),
     ]
-    timings: dict[str, list[float]] = {"secured": [], "baseline": []}
+    timings: dict[str, list[float]] = {name: [] for name in callers}
     try:
         for caller in [*callers.values(), *callers.values()]:
             caller.call()
@@ -651,6 +667,7 @@ def auth_overhead(stack: Stack, data: bytes, duration: float) -> dict[str, Any]:
         "secured_p50_ms": p50["secured"],
         "baseline_p50_ms": p50["baseline"],
         "added_p50_ms": round(p50["secured"] - p50["baseline"], 2),
+        "floor_p50_ms": p50["floor"],
         "api_cpu_ms_per_request": {k: round(v, 2) for k, v in cpu.items()},
         "ratelimit_hit_us": _limiter_cost(stack),
     }
@@ -840,7 +857,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
             f"- auth + rate limiting (W3, {o['pairs']} alternating pairs): p50 "
             f"{o['secured_p50_ms']} ms vs {o['baseline_p50_ms']} ms without, "
             f"+{o['added_p50_ms']} ms; CPU ms per request {_fmt(o['api_cpu_ms_per_request'])}; "
-            f"Redis limiter alone p50 {o['ratelimit_hit_us']['p50']} us"
+            f"Redis limiter alone p50 {o['ratelimit_hit_us']['p50']} us; a bare pass-through "
+            f"(floor) p50 {o['floor_p50_ms']} ms"
         )
     soaked = report.get("soak")
     if soaked:

@@ -74,7 +74,8 @@ def test_ratios_overhead_soak_and_targets(report: dict[str, Any]) -> None:
     overhead = report["auth_overhead"]
     assert overhead["pairs"] > 0 and overhead["secured_p50_ms"] > 0
     assert overhead["ratelimit_hit_us"]["p50"] > 0
-    assert set(overhead["api_cpu_ms_per_request"]) == {"secured", "baseline", "redis"}
+    assert set(overhead["api_cpu_ms_per_request"]) == {"secured", "baseline", "floor", "redis"}
+    assert overhead["floor_p50_ms"] > 0
     assert [s["requests"] for s in report["soak"]["processor_rss"]] == list(range(2, 21, 2))
     names = {t["target"] for t in report["targets"]}
     assert "W3 e2e/engine throughput" in names

@@ -1,0 +1,73 @@
+"""The floor under the API's cost: a bare gRPC pass-through for imagescaler-bench.
+
+It serves ``ScaleImage`` by reading the image, forwarding it to the processor over mutual TLS
+with a fixed job, as the API does (one copy, :func:`api.forwarding.encode_request`), and
+returning the result. No authentication, rate limits, header probe, access log or metrics:
+what one Python gRPC hop costs before any of our code runs. Never deploy it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from api.forwarding import METHOD, encode_request
+from api.pb import imagescaler_pb2 as pb
+from processor import serving
+from processor.logs import configure
+from processor.pb import processor_pb2 as ppb
+
+log = logging.getLogger("imagescaler.floorproxy")
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--processor", required=True, help="host:port")
+    p.add_argument("--processor-ca", required=True, type=Path)
+    p.add_argument("--processor-cert", required=True, type=Path)
+    p.add_argument("--processor-key", required=True, type=Path)
+    p.add_argument("--size", help="WxH to scale to (default: grayscale only)")
+    args = p.parse_args(argv)
+    configure("info")
+
+    job = ppb.ProcessRequest(grayscale=True, format=ppb.FORMAT_JPEG, quality=85)
+    if args.size:
+        width, height = (int(v) for v in args.size.split("x"))
+        job.scaling.CopyFrom(ppb.Scaling(width=width, height=height, mode=ppb.FIT_MODE_PAD))
+    credentials = grpc.ssl_channel_credentials(
+        args.processor_ca.read_bytes(),
+        args.processor_key.read_bytes(),
+        args.processor_cert.read_bytes(),
+    )
+    options = serving.message_options(MAX_MESSAGE, client=True)
+    channel = grpc.secure_channel(args.processor, credentials, options=options)
+    process = channel.unary_unary(METHOD, response_deserializer=ppb.ProcessReply.FromString)
+
+    def scale(request: pb.ScaleImageRequest, context: grpc.ServicerContext) -> pb.ScaleImageReply:
+        reply = process(encode_request(job, request.image.content), timeout=30)
+        return pb.ScaleImageReply(content=reply.image)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        scale,
+        request_deserializer=pb.ScaleImageRequest.FromString,
+        response_serializer=pb.ScaleImageReply.SerializeToString,
+    )
+    server = serving.new_server(8, None, serving.message_options(MAX_MESSAGE))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("imagescaler.ImageScaler", {"ScaleImage": handler})]
+    )
+    port = serving.bind(server, "127.0.0.1:0", None)
+    server.start()
+    log.info("serving", extra={"port": port})
+    serving.wait_for_signal()
+    server.stop(1).wait()
+    channel.close()
+
+
+if __name__ == "__main__":
+    main()
