@@ -503,7 +503,8 @@ def running_stack(
                 wait_for_port(server)
             idle = {"processor": Proc("p", processor.proc.pid).memory_mb("VmRSS")}
             idle["api"] = Proc("a", started[1].proc.pid).memory_mb("VmRSS")
-            yield Stack(redis, processor, *started[1:4], redis_url, token, idle)
+            api, api_open, floor = started[1:4]
+            yield Stack(redis, processor, api, api_open, floor, redis_url, token, idle)
         finally:
             stop_all([s.proc for s in started] + [redis])
 
