@@ -59,13 +59,13 @@ from PIL import Image
 from api.pb import imagescaler_pb2 as pb
 from processor import imaging
 from tools import serverenv
+from tools.client import MAX_MESSAGE
 from tools.loadgen import encoded_request, scale_image
 
 DATA_DIR = Path(__file__).parent / "benchdata"
 TARGET = (1024, 768)
 QUALITY = 85
 MODES = ("engine", "naive", "e2e")
-MAX_MESSAGE = 64 * 1024 * 1024
 OPEN_LOOP_FRACTION = 0.7
 START_TIMEOUT = 60.0
 CALL_TIMEOUT = 120.0

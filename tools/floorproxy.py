@@ -17,12 +17,26 @@ import grpc
 
 from api.forwarding import METHOD, encode_request
 from api.pb import imagescaler_pb2 as pb
+from api.pb import imagescaler_pb2_grpc
 from processor import serving
 from processor.logs import configure
 from processor.pb import processor_pb2 as ppb
+from tools.client import MAX_MESSAGE
 
 log = logging.getLogger("imagescaler.floorproxy")
-MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class PassThrough(imagescaler_pb2_grpc.ImageScalerServicer):
+    """ScaleImage as a forward of the image with a fixed job, and nothing else."""
+
+    def __init__(self, process: grpc.UnaryUnaryMultiCallable, job: ppb.ProcessRequest) -> None:
+        self._process, self._job = process, job
+
+    def ScaleImage(
+        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
+    ) -> pb.ScaleImageReply:
+        reply = self._process(encode_request(self._job, request.image.content), timeout=30)
+        return pb.ScaleImageReply(content=reply.image)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -48,19 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     channel = grpc.secure_channel(args.processor, credentials, options=options)
     process = channel.unary_unary(METHOD, response_deserializer=ppb.ProcessReply.FromString)
 
-    def scale(request: pb.ScaleImageRequest, context: grpc.ServicerContext) -> pb.ScaleImageReply:
-        reply = process(encode_request(job, request.image.content), timeout=30)
-        return pb.ScaleImageReply(content=reply.image)
-
-    handler = grpc.unary_unary_rpc_method_handler(
-        scale,
-        request_deserializer=pb.ScaleImageRequest.FromString,
-        response_serializer=pb.ScaleImageReply.SerializeToString,
-    )
     server = serving.new_server(8, None, serving.message_options(MAX_MESSAGE))
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("imagescaler.ImageScaler", {"ScaleImage": handler})]
-    )
+    imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(PassThrough(process, job), server)
     port = serving.bind(server, "127.0.0.1:0", None)
     server.start()
     log.info("serving", extra={"port": port})

@@ -45,7 +45,7 @@ from api.pb import imagescaler_pb2 as pb
 from tools.client import MAX_MESSAGE
 
 PROFILES = ("constant", "ramp", "step", "day")
-SCALE_IMAGE = "/imagescaler.ImageScaler/ScaleImage"
+SCALE_IMAGE = f"/{pb.DESCRIPTOR.services_by_name['ImageScaler'].full_name}/ScaleImage"
 LATE_AFTER = 0.010  # seconds behind schedule before a start counts as late
 MAX_DURATION = 7 * 24 * 3600.0
 
