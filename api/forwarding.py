@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from api import accesslog
-from processor import serving
+from processor import serving, wire
 from processor.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -103,19 +103,10 @@ def encode_request(job: pb.ProcessRequest, image: bytes) -> bytes:
     in a busy server (perf, docs/benchmarks.md). Protobuf's wire format lets a field follow the
     serialized rest of its message, so the image is copied once, here.
     """
-    return b"".join((job.SerializeToString(), _IMAGE_TAG, _varint(len(image)), image))
+    return b"".join((job.SerializeToString(), _IMAGE_TAG, wire.varint(len(image)), image))
 
 
-_IMAGE_TAG = bytes([pb.ProcessRequest.IMAGE_FIELD_NUMBER << 3 | 2])  # length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_IMAGE_TAG = wire.tag(pb.ProcessRequest.IMAGE_FIELD_NUMBER)
 
 
 class ProcessorClient:

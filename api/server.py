@@ -18,10 +18,9 @@ from api.forwarding import ProcessorClient, channel_options
 from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_principal
 from api.lazyrequest import LazyRequestInterceptor
 from api.metrics import ApiMetrics
-from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
 from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimits
 from api.results import ResultStore, StoreSettings, store_from_uri
-from api.service import ScalerService
+from api.service import SERVICE_NAME, ScalerService, add_to_server
 from auth.keys import KeyStore
 from auth.revocation import revocations_from_url
 from auth.tenants import TenantRegistry
@@ -30,8 +29,6 @@ from processor import logs, metrics, serving, tls
 from processor.metrics import GrpcMetrics, MetricsInterceptor
 
 log = logging.getLogger("imagescaler.api")
-
-SERVICE_NAME = imagescaler_pb2.DESCRIPTOR.services_by_name["ImageScaler"].full_name
 
 
 @dataclass
@@ -179,7 +176,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
         [("grpc.max_metadata_size", 64 * 1024), ("grpc.absolute_max_metadata_size", 64 * 1024)],
     )
     server = serving.new_server(settings.workers, settings.max_concurrent_rpcs, options, chain)
-    imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(service, server)
+    add_to_server(service.ScaleImage, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, listener_credentials(settings))
     server.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -14,11 +15,10 @@ from api.fetch import Fetcher
 from api.forwarding import ProcessorClient
 from api.interceptors import current, require_scope
 from api.pb import imagescaler_pb2 as pb
-from api.pb import imagescaler_pb2_grpc
 from api.ratelimit import Limiter, abort_for
 from api.results import ResultStore
 from auth.tenants import SCOPE_CONTENT, SCOPE_STORE, SCOPE_URL, Tenant
-from processor import headers
+from processor import headers, wire
 from processor.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -56,7 +56,49 @@ class Deadline:
         return left
 
 
-class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageScaler"].full_name
+
+
+@dataclass(frozen=True)
+class Received:
+    """A ``ScaleImageRequest`` as it arrived: the image's bytes taken out once."""
+
+    message: pb.ScaleImageRequest  # ``image.content`` unset
+    content: bytes
+
+
+def read_request(raw: bytes) -> Received:
+    """The request deserializer: ``image.content`` sliced out of the received bytes (one
+    copy, see :mod:`processor.wire`), the rest parsed by protobuf."""
+    parts = wire.split(raw, pb.ScaleImageRequest.IMAGE_FIELD_NUMBER, pb.Image.CONTENT_FIELD_NUMBER)
+    if parts is None:  # no inline image (a URL), or a shape the shortcut leaves to protobuf
+        message = pb.ScaleImageRequest.FromString(raw)
+        if not message.HasField("image"):
+            return Received(message, b"")
+        content = message.image.content
+        message.image.ClearField("content")
+        return Received(message, content)
+    rest, content = parts
+    return Received(pb.ScaleImageRequest.FromString(rest), content)
+
+
+def add_to_server(
+    scale_image: Callable[[Received, grpc.ServicerContext], pb.ScaleImageReply],
+    server: grpc.Server,
+) -> None:
+    """What ``add_ImageScalerServicer_to_server`` does, with :func:`read_request`."""
+    handlers = {
+        "ScaleImage": grpc.unary_unary_rpc_method_handler(
+            scale_image,
+            request_deserializer=read_request,
+            response_serializer=pb.ScaleImageReply.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class ScalerService:
     def __init__(
         self,
         settings: ApiSettings,
@@ -71,22 +113,18 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
         self.limiter = limiter
         self.store = store
 
-    def ScaleImage(
-        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
-    ) -> pb.ScaleImageReply:
+    def ScaleImage(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:
         try:
             return self._scale(request, context)
         except ServiceError as exc:
             accesslog.note(reason=str(exc))
             abort_for(context, exc)
 
-    def _scale(
-        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
-    ) -> pb.ScaleImageReply:
+    def _scale(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:
         s = self.settings
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
-        delivery = delivery_for(request.delivery, current().tenant)
-        data = self._source(request.image, deadline)
+        delivery = delivery_for(request.message.delivery, current().tenant)
+        data = self._source(request.message.image, request.content, deadline)
         header = headers.probe(data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
         decision = decide(header.oriented_size, s.target_size, s.margin, s.grayscale)
@@ -135,9 +173,8 @@ class ScalerService(imagescaler_pb2_grpc.ImageScalerServicer):
             )
         )
 
-    def _source(self, image: pb.Image, deadline: Deadline) -> bytes:
+    def _source(self, image: pb.Image, content: bytes, deadline: Deadline) -> bytes:
         """Inline bytes win over a URL, as the contract says."""
-        content = image.content  # each access copies the bytes (upb): read them once
         if content:
             require_scope(SCOPE_CONTENT)
             accesslog.note(source="content")

@@ -13,12 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from processor import config, imaging, logs, metrics, serving, tls
 from processor.metrics import GrpcMetrics, MetricsInterceptor, PipelineMetrics
-from processor.pb import processor_pb2, processor_pb2_grpc
-from processor.service import Admission, ProcessorService
+from processor.service import SERVICE_NAME, Admission, ProcessorService, add_to_server
 
 log = logging.getLogger("imagescaler.processor")
-
-SERVICE_NAME = processor_pb2.DESCRIPTOR.services_by_name["Processor"].full_name
 
 
 @dataclass
@@ -97,7 +94,7 @@ def build_server(settings: config.ProcessorSettings) -> Running:
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     admission = Admission(settings.workers, settings.queue, settings.memory_budget)
     service = ProcessorService(limits, PipelineMetrics(registry), admission)
-    processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)
+    add_to_server(service, server)
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))
     server.start()

@@ -7,15 +7,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import grpc
 
-from processor import imaging, memory
+from processor import imaging, memory, wire
 from processor.errors import InvalidInput, Overloaded, ServiceError
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
-from processor.pb import processor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,43 @@ FORMATS = {
 FORMAT_ENUMS = {"jpeg": pb.FORMAT_JPEG, "png": pb.FORMAT_PNG, "webp": pb.FORMAT_WEBP}
 MAX_SIDE = 16384
 DEFAULT_QUALITY = 85
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Processor"].full_name
+
+
+@dataclass(frozen=True)
+class Received:
+    """A ``ProcessRequest`` as it arrived: its parameters, and the image taken out once."""
+
+    job: pb.ProcessRequest  # ``image`` unset
+    image: bytes
+
+
+def read_request(raw: bytes) -> Received:
+    """The request deserializer: the image sliced out of the received bytes (one copy, see
+    :mod:`processor.wire`), the rest parsed by protobuf."""
+    parts = wire.split(raw, pb.ProcessRequest.IMAGE_FIELD_NUMBER)
+    if parts is None:  # no image, or a shape the shortcut leaves to protobuf
+        message = pb.ProcessRequest.FromString(raw)
+        image = message.image
+        message.ClearField("image")
+        return Received(message, image)
+    rest, image = parts
+    return Received(pb.ProcessRequest.FromString(rest), image)
+
+
+def add_to_server(service: ProcessorService, server: grpc.Server) -> None:
+    """What ``add_ProcessorServicer_to_server`` does, with :func:`read_request`."""
+    handlers = {
+        "Process": grpc.unary_unary_rpc_method_handler(
+            service.Process,
+            request_deserializer=read_request,
+            response_serializer=pb.ProcessReply.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def job_from_request(request: pb.ProcessRequest) -> imaging.Job:
@@ -116,7 +152,7 @@ class Admission:
             self._slots.release()
 
 
-class ProcessorService(processor_pb2_grpc.ProcessorServicer):
+class ProcessorService:
     """Runs the pipeline for each request; domain errors become precise status codes."""
 
     def __init__(
@@ -126,13 +162,13 @@ class ProcessorService(processor_pb2_grpc.ProcessorServicer):
         self.metrics = metrics
         self.admission = admission or Admission(workers=2, queue=8)
 
-    def Process(self, request: pb.ProcessRequest, context: grpc.ServicerContext) -> pb.ProcessReply:
+    def Process(self, request: Received, context: grpc.ServicerContext) -> pb.ProcessReply:
         started = time.perf_counter()
-        image = request.image  # each access copies the bytes (upb): read them once
+        image = request.image
         log.debug("started", extra={"bytes_in": len(image)})
         try:
             with self.admission.admit():
-                job = job_from_request(request)
+                job = job_from_request(request.job)
                 result = imaging.process(image, job, self.limits, self.admission.memory)
         except ServiceError as exc:
             log.info(

@@ -1,9 +1,10 @@
 """The floor under the API's cost: a bare gRPC pass-through for imagescaler-bench.
 
-It serves ``ScaleImage`` by reading the image, forwarding it to the processor over mutual TLS
-with a fixed job, as the API does (one copy, :func:`api.forwarding.encode_request`), and
-returning the result. No authentication, rate limits, header probe, access log or metrics:
-what one Python gRPC hop costs before any of our code runs. Never deploy it.
+It serves ``ScaleImage`` by reading the image and forwarding it to the processor over mutual
+TLS with a fixed job, as the API does (:func:`api.service.read_request`,
+:func:`api.forwarding.encode_request`), and returning the result. No authentication, rate
+limits, header probe, access log or metrics: what one Python gRPC hop costs before any of
+our code runs. Never deploy it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 
 from api.forwarding import METHOD, encode_request
 from api.pb import imagescaler_pb2 as pb
-from api.pb import imagescaler_pb2_grpc
+from api.service import Received, add_to_server
 from processor import serving
 from processor.logs import configure
 from processor.pb import processor_pb2 as ppb
@@ -26,16 +27,14 @@ from tools.client import MAX_MESSAGE
 log = logging.getLogger("imagescaler.floorproxy")
 
 
-class PassThrough(imagescaler_pb2_grpc.ImageScalerServicer):
+class PassThrough:
     """ScaleImage as a forward of the image with a fixed job, and nothing else."""
 
     def __init__(self, process: grpc.UnaryUnaryMultiCallable, job: ppb.ProcessRequest) -> None:
         self._process, self._job = process, job
 
-    def ScaleImage(
-        self, request: pb.ScaleImageRequest, context: grpc.ServicerContext
-    ) -> pb.ScaleImageReply:
-        reply = self._process(encode_request(self._job, request.image.content), timeout=30)
+    def ScaleImage(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:
+        reply = self._process(encode_request(self._job, request.content), timeout=30)
         return pb.ScaleImageReply(content=reply.image)
 
 
@@ -63,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     process = channel.unary_unary(METHOD, response_deserializer=ppb.ProcessReply.FromString)
 
     server = serving.new_server(8, None, serving.message_options(MAX_MESSAGE))
-    imagescaler_pb2_grpc.add_ImageScalerServicer_to_server(PassThrough(process, job), server)
+    add_to_server(PassThrough(process, job).ScaleImage, server)
     port = serving.bind(server, "127.0.0.1:0", None)
     server.start()
     log.info("serving", extra={"port": port})

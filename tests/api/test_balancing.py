@@ -43,8 +43,7 @@ from processor import server as processor_server
 from processor.config import ProcessorSettings
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as ppb
-from processor.pb import processor_pb2_grpc
-from processor.service import ProcessorService
+from processor.service import ProcessorService, Received, add_to_server
 from processor.tls import ClientTls, ReloadingChannel
 from tests.stack import dev_api_settings
 from tools import certs
@@ -470,7 +469,7 @@ class ClientSerials(ProcessorService):
         super().__init__(limits, metrics)
         self.seen: list[int] = []
 
-    def Process(self, request: ppb.ProcessRequest, context: grpc.ServicerContext) -> Any:
+    def Process(self, request: Received, context: grpc.ServicerContext) -> Any:
         pem = context.auth_context()["x509_pem_cert"][0]
         self.seen.append(x509.load_pem_x509_certificate(pem).serial_number)
         return super().Process(request, context)
@@ -482,7 +481,7 @@ def recording_replica(settings: ProcessorSettings, stack: ExitStack) -> ClientSe
     server = processor_server.grpc_server(settings, serving.InFlight(), registry)
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     service = ClientSerials(limits, PipelineMetrics(registry))
-    processor_pb2_grpc.add_ProcessorServicer_to_server(service, server)
+    add_to_server(service, server)
     serving.add_health_and_reflection(server, [processor_server.SERVICE_NAME])
     serving.bind(server, settings.listen, processor_server.credentials(settings))
     server.start()
