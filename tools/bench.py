@@ -209,6 +209,7 @@ class Loop:
     """What one load loop saw."""
 
     latencies_ms: list[float] = field(default_factory=list)
+    pipeline_ms: list[float] = field(default_factory=list)  # e2e: the processor's own time
     errors: int = 0
     seconds: float = 0.0
     late: int = 0
@@ -217,8 +218,15 @@ class Loop:
 # --- load loops ---------------------------------------------------------------------------------
 
 
+Inside = Callable[[Any], float]  # from a reply, the milliseconds its processor's pipeline took
+
+
 def closed_loop(
-    call: Callable[[], object], concurrency: int, duration: float, requests: int | None = None
+    call: Callable[[], object],
+    concurrency: int,
+    duration: float,
+    requests: int | None = None,
+    inside: Inside | None = None,
 ) -> Loop:
     """``concurrency`` threads each send the next request when the last one returns, until
     ``duration`` is over or ``requests`` calls have been started."""
@@ -236,13 +244,15 @@ def closed_loop(
         while take():
             started = time.perf_counter()
             try:
-                call()
+                reply = call()
             except Exception:  # counted and reported; a benchmark keeps going
                 with lock:
                     loop.errors += 1
                 continue
             with lock:
                 loop.latencies_ms.append((time.perf_counter() - started) * 1000)
+                if inside:
+                    loop.pipeline_ms.append(inside(reply))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for thread in threads:
@@ -256,7 +266,9 @@ def closed_loop(
     return loop
 
 
-def open_loop(start: Callable[[], grpc.Future], rate: float, duration: float) -> Loop:
+def open_loop(
+    start: Callable[[], grpc.Future], rate: float, duration: float, inside: Inside | None = None
+) -> Loop:
     """Starts fixed in advance (evenly spaced); latency counts from the scheduled start."""
     loop, done = Loop(), threading.Condition()
     pending = [0]
@@ -265,6 +277,8 @@ def open_loop(start: Callable[[], grpc.Future], rate: float, duration: float) ->
         with done:
             if future.exception() is None:
                 loop.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+                if inside:
+                    loop.pipeline_ms.append(inside(future.result()))
             else:
                 loop.errors += 1
             pending[0] -= 1
@@ -306,6 +320,7 @@ class Tally:
             self.cpu_s[p.name] = self.cpu_s.get(p.name, 0.0) + p.cpu_seconds() - before[p.name]
             self.rss_peak[p.name] = max(self.rss_peak.get(p.name, 0.0), p.memory_mb("VmHWM"))
         self.loop.latencies_ms += loop.latencies_ms
+        self.loop.pipeline_ms += loop.pipeline_ms
         self.loop.errors += loop.errors
         self.loop.seconds += loop.seconds
         self.loop.late += loop.late
@@ -330,7 +345,25 @@ class Tally:
         }
         if self.loop.late:
             row["late_starts"] = self.loop.late
+        if self.loop.pipeline_ms:
+            row["call_split_ms"] = call_split(self.loop.latencies_ms, self.loop.pipeline_ms)
         return row
+
+
+def call_split(latencies_ms: Sequence[float], pipeline_ms: Sequence[float]) -> dict[str, float]:
+    """Where an e2e call's time went, on average: the processor's pipeline (as it reports it)
+    and everything outside it (transfers, the API, Redis, queues, the client). Means, so the
+    two parts add up to the whole."""
+    call, pipeline = sum(latencies_ms) / len(latencies_ms), sum(pipeline_ms) / len(pipeline_ms)
+    return {
+        "call": round(call, 2),
+        "pipeline": round(pipeline, 2),
+        "outside_pipeline": round(call - pipeline, 2),
+    }
+
+
+def processing_ms(reply: pb.ScaleImageReply) -> float:
+    return reply.info.processing_ms
 
 
 # --- the real stack -----------------------------------------------------------------------------
@@ -575,7 +608,7 @@ def phases(
             caller.call()  # connections, TLS handshakes, first-use imports
         out["e2e"] = (
             Tally(stack.procs()),
-            functools.partial(closed_loop, caller.call, args.concurrency),
+            functools.partial(closed_loop, caller.call, args.concurrency, inside=processing_ms),
         )
     return out
 
@@ -626,7 +659,7 @@ def _open_row(
     rate = args.rate or peak * OPEN_LOOP_FRACTION
     _progress(f"{workload.name}: e2e open loop at {rate:.1f}/s")
     tally = Tally(stack.procs())
-    tally.measure(lambda: open_loop(caller.start, rate, args.duration))
+    tally.measure(lambda: open_loop(caller.start, rate, args.duration, processing_ms))
     base = {"workload": workload.name, "mode": "e2e", "loop": "open", "rate": round(rate, 2)}
     return tally.row({**base, "peak_fraction": round(rate / peak, 2) if peak else 0.0})
 
@@ -861,6 +894,15 @@ def _notes(report: dict[str, Any]) -> list[str]:
             f"Redis limiter alone p50 {o['ratelimit_hit_us']['p50']} us; a bare pass-through "
             f"(floor) p50 {o['floor_p50_ms']} ms"
         )
+    for row in report["results"]:
+        split = row.get("call_split_ms")
+        if split:
+            load = f"c={row['concurrency']}" if row.get("loop") == "closed" else "open loop"
+            lines.append(
+                f"- {row['workload']} e2e {load}: a call {split['call']} ms on average, "
+                f"{split['pipeline']} in the processor's pipeline, {split['outside_pipeline']} "
+                "outside it"
+            )
     soaked = report.get("soak")
     if soaked:
         rss = ", ".join(f"{s['rss_mb']:g}" for s in soaked["processor_rss"])

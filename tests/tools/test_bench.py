@@ -65,6 +65,22 @@ def test_e2e_reports_idle_memory_and_open_loop_rate(report: dict[str, Any]) -> N
     assert opened["peak_fraction"] == pytest.approx(bench.OPEN_LOOP_FRACTION, abs=0.01)
 
 
+@pytest.mark.parametrize("loop", ["closed", "open"])
+def test_e2e_splits_a_call_into_pipeline_and_the_rest(report: dict[str, Any], loop: str) -> None:
+    """Where a call's milliseconds go: the processor's pipeline (its own report) and the rest."""
+    (row,) = rows(report, "e2e", loop)
+    split = row["call_split_ms"]
+    assert 0 < split["pipeline"] < split["call"]
+    assert split["outside_pipeline"] == pytest.approx(split["call"] - split["pipeline"], abs=0.02)
+    assert f"{split['pipeline']} in the processor's pipeline" in report["markdown"]
+    assert all("call_split_ms" not in r for r in rows(report, "engine"))
+
+
+def test_call_split_uses_means() -> None:
+    split = bench.call_split([10.0, 20.0, 60.0], [5.0, 5.0, 20.0])
+    assert split == {"call": 30.0, "pipeline": 10.0, "outside_pipeline": 20.0}
+
+
 def test_ratios_overhead_soak_and_targets(report: dict[str, Any]) -> None:
     kinds = {(r["workload"], r["ratio"]) for r in report["ratios"]}
     assert kinds == {("W3", "engine/naive"), ("W3", "e2e/engine")}
