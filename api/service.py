@@ -18,7 +18,7 @@ from api.pb import imagescaler_pb2 as pb
 from api.ratelimit import Limiter, abort_for
 from api.results import ResultStore
 from auth.tenants import SCOPE_CONTENT, SCOPE_STORE, SCOPE_URL, Tenant
-from processor import headers, wire
+from processor import headers, serving, wire
 from processor.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -87,15 +87,14 @@ def add_to_server(
     server: grpc.Server,
 ) -> None:
     """What ``add_ImageScalerServicer_to_server`` does, with :func:`read_request`."""
-    handlers = {
-        "ScaleImage": grpc.unary_unary_rpc_method_handler(
-            scale_image,
-            request_deserializer=read_request,
-            response_serializer=pb.ScaleImageReply.SerializeToString,
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    serving.add_unary_method(
+        server,
+        SERVICE_NAME,
+        "ScaleImage",
+        scale_image,
+        read_request,
+        pb.ScaleImageReply.SerializeToString,
+    )
 
 
 class ScalerService:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from processor import imaging, memory, wire
+from processor import imaging, memory, serving, wire
 from processor.errors import InvalidInput, Overloaded, ServiceError
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
@@ -68,15 +68,14 @@ def read_request(raw: bytes) -> Received:
 
 def add_to_server(service: ProcessorService, server: grpc.Server) -> None:
     """What ``add_ProcessorServicer_to_server`` does, with :func:`read_request`."""
-    handlers = {
-        "Process": grpc.unary_unary_rpc_method_handler(
-            service.Process,
-            request_deserializer=read_request,
-            response_serializer=pb.ProcessReply.SerializeToString,
-        )
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    serving.add_unary_method(
+        server,
+        SERVICE_NAME,
+        "Process",
+        service.Process,
+        read_request,
+        pb.ProcessReply.SerializeToString,
+    )
 
 
 def job_from_request(request: pb.ProcessRequest) -> imaging.Job:

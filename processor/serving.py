@@ -56,6 +56,27 @@ def new_server(
     )
 
 
+def add_unary_method(
+    server: grpc.Server,
+    service: str,
+    method: str,
+    behaviour: Callable[[Any, grpc.ServicerContext], Any],
+    request_deserializer: Callable[[bytes], Any],
+    response_serializer: Callable[[Any], bytes],
+) -> None:
+    """Register one unary method as generated ``add_*Servicer_to_server`` code does, with a
+    request deserializer of our own."""
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=request_deserializer,
+            response_serializer=response_serializer,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> DrainingHealth:
     """Register grpc.health.v1 (every service SERVING) and server reflection."""
     names = list(services)
