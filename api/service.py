@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from api import accesslog
 from api.config import ApiSettings
@@ -65,11 +66,25 @@ class Received:
 
     message: pb.ScaleImageRequest  # ``image.content`` unset
     content: bytes
+    malformed: bool = False  # not a ScaleImageRequest at all: INVALID_ARGUMENT, not INTERNAL
+
+
+MALFORMED = f"malformed request: not a valid {pb.ScaleImageRequest.DESCRIPTOR.full_name} message"
 
 
 def read_request(raw: bytes) -> Received:
     """The request deserializer: ``image.content`` sliced out of the received bytes (one
-    copy, see :mod:`processor.wire`), the rest parsed by protobuf."""
+    copy, see :mod:`processor.wire`), the rest parsed by protobuf.
+
+    Bytes protobuf cannot parse come back marked ``malformed`` rather than raising: gRPC
+    would answer a deserializer's exception with INTERNAL, as if the server had failed."""
+    try:
+        return _read(raw)
+    except DecodeError:
+        return Received(pb.ScaleImageRequest(), b"", malformed=True)
+
+
+def _read(raw: bytes) -> Received:
     parts = wire.split(raw, pb.ScaleImageRequest.IMAGE_FIELD_NUMBER, pb.Image.CONTENT_FIELD_NUMBER)
     if parts is None:  # no inline image (a URL), or a shape the shortcut leaves to protobuf
         message = pb.ScaleImageRequest.FromString(raw)
@@ -120,6 +135,8 @@ class ScalerService:
             abort_for(context, exc)
 
     def _scale(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:
+        if request.malformed:
+            raise InvalidInput(MALFORMED)
         s = self.settings
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
         delivery = delivery_for(request.message.delivery, current().tenant)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from processor import imaging, memory, serving, wire
 from processor.errors import InvalidInput, Overloaded, ServiceError
@@ -51,11 +52,25 @@ class Received:
 
     job: pb.ProcessRequest  # ``image`` unset
     image: bytes
+    malformed: bool = False  # not a ProcessRequest at all: INVALID_ARGUMENT, not INTERNAL
+
+
+MALFORMED = f"malformed request: not a valid {pb.ProcessRequest.DESCRIPTOR.full_name} message"
 
 
 def read_request(raw: bytes) -> Received:
     """The request deserializer: the image sliced out of the received bytes (one copy, see
-    :mod:`processor.wire`), the rest parsed by protobuf."""
+    :mod:`processor.wire`), the rest parsed by protobuf.
+
+    Bytes protobuf cannot parse come back marked ``malformed`` rather than raising: gRPC
+    would answer a deserializer's exception with INTERNAL, as if the server had failed."""
+    try:
+        return _read(raw)
+    except DecodeError:
+        return Received(pb.ProcessRequest(), b"", malformed=True)
+
+
+def _read(raw: bytes) -> Received:
     parts = wire.split(raw, pb.ProcessRequest.IMAGE_FIELD_NUMBER)
     if parts is None:  # no image, or a shape the shortcut leaves to protobuf
         message = pb.ProcessRequest.FromString(raw)
@@ -166,6 +181,8 @@ class ProcessorService:
         image = request.image
         log.debug("started", extra={"bytes_in": len(image)})
         try:
+            if request.malformed:
+                raise InvalidInput(MALFORMED)
             with self.admission.admit():
                 job = job_from_request(request.job)
                 result = imaging.process(image, job, self.limits, self.admission.memory)

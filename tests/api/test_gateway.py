@@ -19,6 +19,8 @@ from api.pb import imagescaler_pb2_grpc
 from tests.legacy_contract import legacy_scale
 from tests.stack import dev_api_settings, free_port
 
+SERVICE = pb.DESCRIPTOR.services_by_name["ImageScaler"].full_name
+
 
 def jpeg(size: tuple[int, int], color: tuple[int, int, int] = (200, 60, 30)) -> bytes:
     buf = io.BytesIO()
@@ -165,6 +167,24 @@ def test_bad_inputs_get_precise_status_and_server_carries_on(
     api, image: pb.Image, code: grpc.StatusCode
 ) -> None:
     assert status_of(api.port, image)[0] == code
+    assert call(api.port, pb.Image(content=jpeg((640, 480)))).info.scaled
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x03\x0a\x05ab"],
+    ids=["not protobuf", "truncated image", "truncated content"],
+)
+def test_malformed_request_is_invalid_argument(api, body: bytes) -> None:
+    """Bytes that are no ScaleImageRequest are the caller's error, not an INTERNAL one."""
+    with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+        scale = channel.unary_unary(f"/{SERVICE}/ScaleImage")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as exc:
+            scale(body, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details() == (
+        "malformed request: not a valid imagescaler.ScaleImageRequest message"
+    )
     assert call(api.port, pb.Image(content=jpeg((640, 480)))).info.scaled
 
 

@@ -61,6 +61,7 @@ def test_read_request_matches_protobuf(raw: bytes) -> None:
         whole.image.ClearField("content")
     assert received.message == whole
     assert not received.message.image.content
+    assert not received.malformed
 
 
 def test_content_is_taken_out_by_the_shortcut() -> None:
@@ -74,8 +75,13 @@ def test_content_is_taken_out_by_the_shortcut() -> None:
     assert rest == DELIVERY + image(SOURCE)
 
 
-def test_broken_requests_fail_as_protobuf_fails() -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [image(CONTENT)[:-1], image(CONTENT, field(pb.Image.SOURCE_FIELD_NUMBER, b"\xff"))],
+    ids=["truncated", "broken source"],
+)
+def test_broken_requests_are_marked_where_protobuf_fails(raw: bytes) -> None:
     with pytest.raises(DecodeError):
-        read_request(image(CONTENT)[:-1])
-    with pytest.raises(DecodeError):
-        read_request(image(CONTENT, field(pb.Image.SOURCE_FIELD_NUMBER, b"\xff")))
+        pb.ScaleImageRequest.FromString(raw)
+    received = read_request(raw)
+    assert received.malformed and not received.content

@@ -21,6 +21,7 @@ from PIL import Image
 from processor import config
 from processor.pb import processor_pb2 as pb
 from processor.pb import processor_pb2_grpc
+from processor.service import SERVICE_NAME
 
 BIG = 64 << 20
 
@@ -137,6 +138,16 @@ def test_bad_requests_then_server_still_answers(
     assert exc.value.code() == code
     assert words in exc.value.details()
     assert s.Process(pb.ProcessRequest(image=png((32, 32))), timeout=10).image
+
+
+def test_malformed_request_is_invalid_argument(processor) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{processor.port}") as channel:
+        process = channel.unary_unary(f"/{SERVICE_NAME}/Process")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as exc:
+            process(b"\x0a\x05ab", timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request" in exc.value.details()
+    assert stub(processor.port).Process(pb.ProcessRequest(image=png((32, 32))), timeout=10).image
 
 
 def test_message_over_the_configured_limit(start_processor) -> None:

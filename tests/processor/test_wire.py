@@ -103,8 +103,17 @@ def test_read_request_falls_back_to_protobuf() -> None:
     assert not received.job.image
 
 
-def test_read_request_rejects_what_protobuf_rejects() -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        field(IMAGE, 2, PHOTO)[:-1],  # truncated: the shortcut stops, protobuf refuses
+        field(IMAGE, 2, PHOTO) + field(2, 2, b"\xff"),  # the shortcut passes, a broken Scaling
+    ],
+    ids=["truncated", "broken scaling"],
+)
+def test_read_request_marks_what_protobuf_rejects(raw: bytes) -> None:
     with pytest.raises(DecodeError):
-        read_request(field(IMAGE, 2, PHOTO)[:-1])
-    with pytest.raises(DecodeError):
-        read_request(field(IMAGE, 2, PHOTO) + field(2, 2, b"\xff"))  # a broken Scaling
+        pb.ProcessRequest.FromString(raw)
+    received = read_request(raw)
+    assert received.malformed and not received.image
+    assert not read_request(JOB + field(IMAGE, 2, PHOTO)).malformed
