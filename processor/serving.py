@@ -90,8 +90,20 @@ def add_health_and_reflection(server: grpc.Server, services: Iterable[str]) -> D
     return servicer
 
 
+# gRPC's send for a non-blocking stream waits until the message is written, and the server's
+# poller thread is what sees the write complete. grpc_health sends while holding its lock,
+# and the poller thread takes that lock to forget a watch whose call ended: a send made
+# inline could wait for the poller while the poller waited for the lock. That deadlock hung a
+# drain (and a CI run). Responses therefore leave from this one thread, in order, and the
+# health lock is only held to queue them. Health responses are a few bytes each: one
+# client's full flow-control window would take thousands of status changes.
+_SENDER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-send")
+
+
 class _WatchStream:
-    """A ``Watch`` stream's response callback that can be ended once; later sends are dropped."""
+    """A ``Watch`` stream's response callback that can be ended once; later sends are dropped.
+
+    Sends are queued to :data:`_SENDER`, never made by the caller's thread."""
 
     def __init__(self, send: Callable[[Any], None]) -> None:
         self._send, self._ended, self._lock = send, False, threading.Lock()
@@ -100,10 +112,16 @@ class _WatchStream:
         with self._lock:
             if not self._ended:
                 self._ended = response is None
-                self._send(response)
+                _SENDER.submit(self._deliver, response)
 
     def end(self) -> None:
         self.send(None)  # gRPC sends status OK: the stream is over
+
+    def _deliver(self, response: Any) -> None:
+        try:
+            self._send(response)
+        except Exception:  # the call ended under it: nothing left to tell that client
+            log.debug("health watch send failed", exc_info=True)
 
 
 class DrainingHealth(health.HealthServicer):

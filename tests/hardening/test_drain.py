@@ -203,6 +203,60 @@ def test_drain_ends_health_watches_instead_of_waiting_out_the_grace(
     assert watch.code() == grpc.StatusCode.OK
 
 
+class _CallContext:
+    """What ``Watch`` needs of a ServicerContext: callbacks that run when the call ends."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def end(self) -> None:
+        """What gRPC's poller thread does when the call is over."""
+        for callback in self.callbacks:
+            callback()
+
+
+def test_a_send_waiting_for_the_poller_does_not_hold_the_health_lock() -> None:
+    """gRPC's send on a non-blocking stream waits until the poller thread sees the write done,
+    and the poller takes the health servicer's lock to forget a watch whose call ended. A send
+    made under that lock (grpc_health sends while holding it) deadlocked a drain in CI; now
+    the drain returns, the poller goes on and the send completes."""
+    health = serving.DrainingHealth()
+    sending, polled, delivered = threading.Event(), threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def send_waiting_for_the_poller(response: Any) -> None:
+        if response is not None and response.status == NOT_SERVING:
+            sending.set()
+            released.append(polled.wait(10))
+            delivered.set()
+
+    waiting, ending = _CallContext(), _CallContext()
+    request = health_pb2.HealthCheckRequest()
+    health.Watch(request, waiting, send_waiting_for_the_poller)  # type: ignore[arg-type]
+    health.Watch(request, ending, lambda response: None)  # type: ignore[arg-type]
+
+    def poller() -> None:
+        if sending.wait(10):
+            ending.end()  # takes the health lock
+            polled.set()
+
+    threads = [
+        threading.Thread(target=poller),
+        threading.Thread(target=health.enter_graceful_shutdown),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert delivered.wait(30)
+    assert released == [True]  # the poller got the lock while the send was waiting for it
+
+
 # --- the processor's identity check and non-blocking streams --------------------------------
 
 
