@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from api import accesslog
 from api.config import ApiSettings
@@ -73,28 +72,17 @@ MALFORMED = f"malformed request: not a valid {pb.ScaleImageRequest.DESCRIPTOR.fu
 
 
 def read_request(raw: bytes) -> Received:
-    """The request deserializer: ``image.content`` sliced out of the received bytes (one
-    copy, see :mod:`processor.wire`), the rest parsed by protobuf.
-
-    Bytes protobuf cannot parse come back marked ``malformed`` rather than raising: gRPC
-    would answer a deserializer's exception with INTERNAL, as if the server had failed."""
-    try:
-        return _read(raw)
-    except DecodeError:
+    """The request deserializer: ``image.content`` taken out of the received bytes with one
+    copy (:func:`processor.wire.take`); bytes that do not parse come back ``malformed``."""
+    taken = wire.take(
+        raw,
+        pb.ScaleImageRequest,
+        pb.ScaleImageRequest.IMAGE_FIELD_NUMBER,
+        pb.Image.CONTENT_FIELD_NUMBER,
+    )
+    if taken is None:
         return Received(pb.ScaleImageRequest(), b"", malformed=True)
-
-
-def _read(raw: bytes) -> Received:
-    parts = wire.split(raw, pb.ScaleImageRequest.IMAGE_FIELD_NUMBER, pb.Image.CONTENT_FIELD_NUMBER)
-    if parts is None:  # no inline image (a URL), or a shape the shortcut leaves to protobuf
-        message = pb.ScaleImageRequest.FromString(raw)
-        if not message.HasField("image"):
-            return Received(message, b"")
-        content = message.image.content
-        message.image.ClearField("content")
-        return Received(message, content)
-    rest, content = parts
-    return Received(pb.ScaleImageRequest.FromString(rest), content)
+    return Received(*taken)
 
 
 def add_to_server(

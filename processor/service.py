@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from processor import imaging, memory, serving, wire
 from processor.errors import InvalidInput, Overloaded, ServiceError
@@ -59,26 +58,12 @@ MALFORMED = f"malformed request: not a valid {pb.ProcessRequest.DESCRIPTOR.full_
 
 
 def read_request(raw: bytes) -> Received:
-    """The request deserializer: the image sliced out of the received bytes (one copy, see
-    :mod:`processor.wire`), the rest parsed by protobuf.
-
-    Bytes protobuf cannot parse come back marked ``malformed`` rather than raising: gRPC
-    would answer a deserializer's exception with INTERNAL, as if the server had failed."""
-    try:
-        return _read(raw)
-    except DecodeError:
+    """The request deserializer: the image taken out of the received bytes with one copy
+    (:func:`processor.wire.take`); bytes that do not parse come back ``malformed``."""
+    taken = wire.take(raw, pb.ProcessRequest, pb.ProcessRequest.IMAGE_FIELD_NUMBER)
+    if taken is None:
         return Received(pb.ProcessRequest(), b"", malformed=True)
-
-
-def _read(raw: bytes) -> Received:
-    parts = wire.split(raw, pb.ProcessRequest.IMAGE_FIELD_NUMBER)
-    if parts is None:  # no image, or a shape the shortcut leaves to protobuf
-        message = pb.ProcessRequest.FromString(raw)
-        image = message.image
-        message.ClearField("image")
-        return Received(message, image)
-    rest, image = parts
-    return Received(pb.ProcessRequest.FromString(rest), image)
+    return Received(*taken)
 
 
 def add_to_server(service: ProcessorService, server: grpc.Server) -> None:

@@ -8,6 +8,11 @@ received bytes copies it once; the rest of the message, a few bytes, is parsed a
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+M = TypeVar("M", bound=Message)
 LENGTH_DELIMITED = 2
 _FIXED = {1: 8, 5: 4}  # wire type -> width (64-bit, 32-bit)
 
@@ -19,6 +24,32 @@ def split(raw: bytes, *path: int) -> tuple[bytes, bytes] | None:
     group, anything malformed. The caller then parses ``raw`` whole and gets protobuf's own
     result or error."""
     return _split(raw, 0, len(raw), path)
+
+
+def take(raw: bytes, message_type: type[M], *path: int) -> tuple[M, bytes] | None:
+    """``raw`` parsed as ``message_type`` with the bytes field at ``path`` taken out:
+    ``(message without it, its value)``, the value copied once where :func:`split` applies
+    and read by protobuf where it does not (empty when absent). None when protobuf refuses
+    ``raw``: the caller answers INVALID_ARGUMENT (gRPC would answer a deserializer's exception
+    with INTERNAL, as if the server had failed)."""
+    try:
+        parts = split(raw, *path)
+        if parts is not None:
+            rest, value = parts
+            return message_type.FromString(rest), value
+        message = message_type.FromString(raw)
+    except DecodeError:
+        return None
+    holder: Message = message
+    for number in path[:-1]:
+        name = holder.DESCRIPTOR.fields_by_number[number].name
+        if not holder.HasField(name):
+            return message, b""  # reading through would create the absent submessage
+        holder = getattr(holder, name)
+    name = holder.DESCRIPTOR.fields_by_number[path[-1]].name
+    value = getattr(holder, name)
+    holder.ClearField(name)
+    return message, value
 
 
 def varint(value: int) -> bytes:

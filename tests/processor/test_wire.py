@@ -12,13 +12,7 @@ from processor.service import read_request
 IMAGE = pb.ProcessRequest.IMAGE_FIELD_NUMBER
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+varint = wire.varint
 
 
 def field(number: int, wire_type: int, payload: bytes) -> bytes:
