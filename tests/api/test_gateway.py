@@ -18,8 +18,7 @@ from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
 from tests.legacy_contract import legacy_scale
 from tests.stack import dev_api_settings, free_port
-
-SERVICE = pb.DESCRIPTOR.services_by_name["ImageScaler"].full_name
+from tools.loadgen import SCALE_IMAGE
 
 
 def jpeg(size: tuple[int, int], color: tuple[int, int, int] = (200, 60, 30)) -> bytes:
@@ -178,7 +177,7 @@ def test_bad_inputs_get_precise_status_and_server_carries_on(
 def test_malformed_request_is_invalid_argument(api, body: bytes) -> None:
     """Bytes that are no ScaleImageRequest are the caller's error, not an INTERNAL one."""
     with grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel:
-        scale = channel.unary_unary(f"/{SERVICE}/ScaleImage")  # bytes in, bytes out
+        scale = channel.unary_unary(SCALE_IMAGE)  # bytes in, bytes out
         with pytest.raises(grpc.RpcError) as exc:
             scale(body, timeout=10)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
