@@ -18,7 +18,7 @@ import grpc
 
 from api.forwarding import METHOD, encode_request
 from api.pb import imagescaler_pb2 as pb
-from api.service import Received, add_to_server
+from api.service import MALFORMED, Received, add_to_server
 from processor import serving
 from processor.logs import configure
 from processor.pb import processor_pb2 as ppb
@@ -34,6 +34,8 @@ class PassThrough:
         self._process, self._job = process, job
 
     def ScaleImage(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:
+        if request.malformed:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
         reply = self._process(encode_request(self._job, request.content), timeout=30)
         return pb.ScaleImageReply(content=reply.image)
 
