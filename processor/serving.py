@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -281,11 +283,27 @@ def drain(
 
 
 def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
-    stop = threading.Event()
+    """Block until SIGTERM or SIGINT.
+
+    The signals arrive through a pipe that Python's C-level handler writes to
+    (``signal.set_wakeup_fd``); the Python handlers do nothing. A handler that set an
+    ``Event`` deadlocked the main thread when a second signal came while the first was being
+    handled (a process group's SIGTERM, then a supervisor's: the second ``Event.set`` waited
+    for the lock the first one held), and the server never drained. The C handler writes the
+    pipe in whichever thread the kernel interrupts, so the untimed read always returns.
+    """
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    # A timed wait: the main thread then returns to the interpreter regularly, so the signal
-    # handler runs (an untimed wait missed SIGTERM in 3 of 33 runs on a busy machine).
-    while not stop.wait(0.5):
-        pass
+        signal.signal(sig, _ignore)  # and stays: a repeated signal must not cut the drain short
+    try:
+        os.read(read_end, 1)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A Python handler must exist for the wakeup pipe to be written; the pipe is the signal."""
