@@ -447,7 +447,11 @@ def _ready(port: int) -> redis_client.Redis:
 
 
 def test_cluster_down_at_startup_then_up(cluster_redis, make_limiter) -> None:
-    limiter = make_limiter(storage=cluster_redis.url, default_rate="2/hour", recheck_after=0)
+    # A generous timeout: the first call after the start builds the cluster client (slot map,
+    # connection), which took over the default 100 ms on a slowed-down run and failed open.
+    limiter = make_limiter(
+        storage=cluster_redis.url, default_rate="2/hour", recheck_after=0, timeout=5.0
+    )
     assert limiter.acquire("acme").degraded  # cluster clients connect when built: not yet
     cluster_redis.start()
     quotas = [limiter.acquire("acme").quota for _ in range(2)]
