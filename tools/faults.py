@@ -1310,17 +1310,16 @@ def probe_capacity(stack: Stack, concurrency: int, seconds: float = 2.0) -> Capa
 
     A fixed number stands in badly: 25 req/s was a third of what one machine served.
     """
-    target = stack.target()
-    channel = loadgen.open_channel(target)
-    call = loadgen.scale_image(channel)
-    request = loadgen.encoded_request(SAMPLE.read_bytes())
-    metadata = (("authorization", f"Bearer {target.token}"),)
+    runner = loadgen.Runner(stack.target(connections=1), [SAMPLE.read_bytes()], loadgen.Stats())
+    call, request = runner.calls[0], runner.requests[0]
     try:
         loop = closed_loop(
-            lambda: call(request, timeout=target.timeout, metadata=metadata), concurrency, seconds
+            lambda: call(request, timeout=runner.target.timeout, metadata=runner.metadata),
+            concurrency,
+            seconds,
         )
     finally:
-        channel.close()
+        runner.close()
     ok_rate = round(len(loop.latencies_ms) / loop.seconds, 1)
     return Capacity(ok_rate, ok_rate, [{"closed_loop": concurrency, "errors": loop.errors}])
 
