@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# google-cloud-storage (3.17) starts a background thread on a client's first object call per
+# bucket that GETs the bucket's metadata for OpenTelemetry span attributes, tracing on or off:
+# a request outside the caller's deadline, with the library's own 120 s of retries while
+# storage is down, needing storage.buckets.get, which the uploading identity does not hold.
+BUCKET_METADATA_ENV = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
 _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as auth.tenants.TENANT_ID_PATTERN
 _EXT = re.compile(r"[a-z0-9]{1,8}")
 _TRANSIENT = (
@@ -232,7 +237,10 @@ def _client(
     credentials: google.auth.credentials.Credentials | None,
     signer: signing.UrlSigner,
 ) -> storage.Client:
-    """Anonymous against the emulator (real credentials would try Google's token endpoint)."""
+    """Anonymous against the emulator (real credentials would try Google's token endpoint);
+    without the library's background bucket look-ups (:data:`BUCKET_METADATA_ENV`) unless the
+    operator asked for them."""
+    os.environ.setdefault(BUCKET_METADATA_ENV, "true")
     if os.environ.get(EMULATOR_ENV):
         anonymous = google.auth.credentials.AnonymousCredentials()
         return storage.Client(project=settings.project or "emulator", credentials=anonymous)

@@ -83,6 +83,7 @@ def emulator() -> Iterator[Emulator]:
 def gcs(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> storage.Client:
     """A client of the emulator, which STORAGE_EMULATOR_HOST points at for this test."""
     monkeypatch.setenv(results.EMULATOR_ENV, emulator.url)
+    monkeypatch.setenv(results.BUCKET_METADATA_ENV, "true")  # no stray threads from tests
     anonymous = google.auth.credentials.AnonymousCredentials()
     return storage.Client(project="test-project", credentials=anonymous)
 
@@ -351,19 +352,25 @@ def test_storage_down_gives_unavailable_after_bounded_retries(
 def test_storage_that_never_answers_gives_unavailable_within_the_deadline(
     service_account: ServiceAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Nothing the call started outlives it: the storage library's background bucket look-up
+    would still be waiting on this socket, with 120 s of its own retries ahead of it."""
+    monkeypatch.delenv(results.BUCKET_METADATA_ENV, raising=False)
     with socket.socket() as black_hole:  # accepts connections (backlog), never answers
         black_hole.bind(("127.0.0.1", 0))
         black_hole.listen(8)
         monkeypatch.setenv(results.EMULATOR_ENV, f"http://127.0.0.1:{black_hole.getsockname()[1]}")
         settings = results.StoreSettings(signing_key=str(service_account.file))
         store = results.store_from_uri("gs://results/p", settings)
+        threads = set(threading.enumerate())
 
         started = time.monotonic()
         with pytest.raises(Unavailable):
             store.put("acme", b"x", "image/jpeg", "jpg", started + 0.6)
         elapsed = time.monotonic() - started
+        left_running = set(threading.enumerate()) - threads
 
     assert 0.5 < elapsed < 2.0
+    assert not left_running
 
 
 def test_deadline_already_spent_gives_unavailable_without_storing(

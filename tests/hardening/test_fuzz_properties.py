@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
@@ -335,14 +336,22 @@ class _Outbound(RuntimeError):
 
 @pytest.fixture(scope="module")
 def connect_guard() -> Iterator[list[tuple[str, int]]]:
-    """Every connect of this module is recorded and refused: nothing leaves the process."""
+    """Every connect of this module's tests is recorded and refused: nothing leaves the
+    process. Only the tests' own thread: another test's straggler is not theirs to count (nor
+    to break: a refused connect is no OSError, so a library's socket leaks)."""
     import sys
 
     attempts: list[tuple[str, int]] = []
     state = {"on": True}
+    mine = threading.get_ident()
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if state["on"] and event == "socket.connect" and isinstance(args[1], tuple):
+        if (
+            state["on"]
+            and threading.get_ident() == mine
+            and event == "socket.connect"
+            and isinstance(args[1], tuple)
+        ):
             attempts.append((str(args[1][0]), int(args[1][1])))
             raise _Outbound(str(args[1]))
 
