@@ -118,16 +118,20 @@ class OutboundRefused(RuntimeError):
 
 @dataclass
 class ConnectLog:
-    """Every TCP connect attempted while active; non-loopback ones are refused, not sent."""
+    """Every TCP connect the test's own thread attempts while active (another test's
+    straggler thread is not the test's to count); non-loopback ones are refused, not sent,
+    whichever thread tries."""
 
     active: bool = False
+    thread: int = 0
     attempts: list[tuple[str, int]] = field(default_factory=list)
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
         if not self.active or event != "socket.connect" or not isinstance(args[1], tuple):
             return
         host, port = str(args[1][0]), int(args[1][1])
-        self.attempts.append((host, port))
+        if threading.get_ident() == self.thread:
+            self.attempts.append((host, port))
         if not _is_loopback(host):
             raise OutboundRefused(f"test tried to connect to {host}:{port}")
 
@@ -153,6 +157,7 @@ def _connect_log_hook() -> ConnectLog:
 def connect_log(_connect_log_hook: ConnectLog) -> Iterator[ConnectLog]:
     log = _connect_log_hook
     log.attempts.clear()
+    log.thread = threading.get_ident()
     log.active = True
     yield log
     log.active = False
