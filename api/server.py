@@ -200,7 +200,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = config.load(argv)
     logs.configure(settings.log_level)
     running = build_server(settings)
-    log.info("serving", extra={"port": running.port, "settings": settings.public()})
+    frozen = serving.freeze_startup_heap()
+    log.info(
+        "serving",
+        extra={"port": running.port, "frozen_objects": frozen, "settings": settings.public()},
+    )
     if not settings.tls_cert:
         log.warning(
             "public listener is plaintext: bearer tokens cross the network in clear; "

@@ -109,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = config.load(argv)
     logs.configure(settings.log_level)
     running = build_server(settings)
-    log.info("serving", extra={"port": running.port, "settings": asdict(settings)})
+    frozen = serving.freeze_startup_heap()
+    log.info(
+        "serving",
+        extra={"port": running.port, "frozen_objects": frozen, "settings": asdict(settings)},
+    )
     if settings.insecure:
         log.warning("plaintext gRPC (--insecure): for development on loopback only")
     serving.wait_for_signal()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -280,6 +281,20 @@ def drain(
     if not stopped.wait(grace + 1.0):  # gRPC cancels what is left when grace runs out
         log.warning("drain: grace period over, calls cancelled")
         stopped.wait()
+
+
+def freeze_startup_heap() -> int:
+    """Move what start-up built into the collector's permanent generation; returns its size.
+
+    Otherwise every full collection walks all the modules, classes and functions imported at
+    start (gRPC, protobuf, Pillow, cryptography, redis): 20-70 ms holding the GIL, which stalls
+    every call in flight in the process and sets the p99 of a 6 ms request
+    (docs/benchmarks.md). Frozen objects are never scanned again, so a full collection walks
+    only what requests leave behind. Call it once the server is built, before it is busy.
+    """
+    gc.collect()  # cycles already garbage would otherwise be kept for good
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def wait_for_signal() -> None:

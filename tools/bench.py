@@ -60,7 +60,7 @@ from api.pb import imagescaler_pb2 as pb
 from processor import imaging
 from tools import serverenv
 from tools.client import MAX_MESSAGE
-from tools.loadgen import encoded_request, scale_image
+from tools.loadgen import encoded_request, frozen_heap, scale_image
 
 DATA_DIR = Path(__file__).parent / "benchdata"
 TARGET = (1024, 768)
@@ -621,14 +621,16 @@ def workload_rows(
     try:
         modes = phases(workload, data, args, stack, caller)
         _progress(f"{workload.name}: {', '.join(modes)} in {args.rounds} interleaved rounds")
-        for _ in range(args.rounds):
-            for tally, run_slice in modes.values():
-                tally.measure(functools.partial(run_slice, args.duration / args.rounds))
-        rows = [
-            _closed_row(workload, mode, tally, args, stack) for mode, (tally, _) in modes.items()
-        ]
-        if stack and caller:
-            rows.append(_open_row(workload, rows[-1], caller, stack, args))
+        with frozen_heap():
+            for _ in range(args.rounds):
+                for tally, run_slice in modes.values():
+                    tally.measure(functools.partial(run_slice, args.duration / args.rounds))
+            rows = [
+                _closed_row(workload, mode, tally, args, stack)
+                for mode, (tally, _) in modes.items()
+            ]
+            if stack and caller:
+                rows.append(_open_row(workload, rows[-1], caller, stack, args))
         return rows
     finally:
         if caller:

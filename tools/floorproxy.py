@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_to_server(PassThrough(process, job).ScaleImage, server)
     port = serving.bind(server, "127.0.0.1:0", None)
     server.start()
+    serving.freeze_startup_heap()  # as the API does, so the floor stays comparable
     log.info("serving", extra={"port": port})
     serving.wait_for_signal()
     server.stop(1).wait()
