@@ -155,7 +155,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     fetcher = fetcher or Fetcher(fetch_policy(settings))
     store = result_store(settings)
     service = ScalerService(settings, ProcessorClient(channel), fetcher, limits, store)
-    in_flight, registry = serving.InFlight(), CollectorRegistry()
+    in_flight, registry = serving.InFlight(), metrics.new_registry()
     api_metrics = ApiMetrics(registry)
     api_metrics.count_failures(
         "imagescaler_ratelimit_storage_errors_total",

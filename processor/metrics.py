@@ -11,7 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from processor.serving import Behaviour, UnaryInterceptor
 
@@ -77,6 +86,17 @@ def code_name(context: grpc.ServicerContext) -> str:
     """The status the call ended with (OK unless the handler set or aborted with another)."""
     code = context.code() or grpc.StatusCode.OK
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def new_registry() -> CollectorRegistry:
+    """Our series plus the process's own (``process_*`` CPU, memory and file descriptors,
+    ``python_gc_*``, ``python_info``), which prometheus_client's default registry has and a
+    registry of our own would otherwise lose."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Callable[[], None]:

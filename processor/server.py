@@ -89,7 +89,7 @@ def grpc_server(
 
 def build_server(settings: config.ProcessorSettings) -> Running:
     """Build, bind and start the server; returns the bound port (tests listen on port 0)."""
-    in_flight, registry = serving.InFlight(), CollectorRegistry()
+    in_flight, registry = serving.InFlight(), metrics.new_registry()
     server = grpc_server(settings, in_flight, registry)
     limits = imaging.Limits(max_bytes=settings.max_input_bytes, max_pixels=settings.max_pixels)
     admission = Admission(settings.workers, settings.queue, settings.memory_budget)

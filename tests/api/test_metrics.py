@@ -28,6 +28,14 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def assert_process_series(samples) -> None:
+    """What dashboards chart per pod: the process's CPU and memory, its collections."""
+    assert value(samples, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert value(samples, "python_gc_collections_total", generation="0") > 0
+    assert any(name == "python_info" for name, _ in samples)
+
+
 def test_api_and_processor_metrics(tmp_path: Path, start_api, start_processor) -> None:
     processor_port, api_port = free_port(), free_port()
     processor = start_processor(metrics_port=processor_port)
@@ -63,8 +71,10 @@ def test_api_and_processor_metrics(tmp_path: Path, start_api, start_processor) -
     assert value(api, "imagescaler_decisions_total", decision="scale") == 3
     assert value(api, "imagescaler_ratelimit_storage_errors_total") == 0
     assert value(api, "grpc_server_handling_seconds_count", grpc_type="unary", **method) == 5
+    assert_process_series(api)
 
     proc = scrape(processor_port)
+    assert_process_series(proc)
     assert value(proc, "imagescaler_processing_seconds_count", stage="decode") == 3
     assert (
         value(
