@@ -787,8 +787,18 @@ def ratios(rows: Sequence[dict]) -> list[dict[str, Any]]:
             speed = e2e_row["images_per_s"] / eng["images_per_s"]
             cpu = server_cpu(e2e_row) / max(server_cpu(eng), 1e-9)
             row = {"workload": name, "ratio": "e2e/engine", "throughput": round(speed, 2)}
-            out.append({**row, "server_cpu": round(cpu, 2)})
+            # throughput = ceiling x (e2e busy / engine busy): the CPU and the idle apart
+            ceiling = server_cpu(eng) / max(sum(e2e_row["cpu_ms_per_image"].values()), 1e-9)
+            busy = {"e2e": _busy(e2e_row), "engine": _busy(eng)}
+            out.append({**row, "server_cpu": round(cpu, 2), "cpu_ceiling": round(ceiling, 2)})
+            out[-1]["cores_busy"] = busy
     return out
+
+
+def _busy(row: dict[str, Any]) -> float:
+    """The fraction of the usable cores our processes kept busy (client included)."""
+    cpu_s = row["images_per_s"] * sum(row["cpu_ms_per_image"].values()) / 1000
+    return round(cpu_s / len(os.sched_getaffinity(0)), 3)
 
 
 def _target(name: str, value: float, limit: float, higher_is_better: bool) -> dict[str, Any]:
@@ -880,7 +890,11 @@ def _table_row(row: dict[str, Any]) -> str:
 def _notes(report: dict[str, Any]) -> list[str]:
     lines = []
     for r in report["ratios"]:
-        extra = ", ".join(f"{k} {v}x" for k, v in r.items() if k not in ("workload", "ratio"))
+        skip = ("workload", "ratio", "cores_busy")
+        extra = ", ".join(f"{k} {v}x" for k, v in r.items() if k not in skip)
+        if "cores_busy" in r:
+            busy = r["cores_busy"]
+            extra += f"; cores busy {busy['e2e']:.0%} (engine {busy['engine']:.0%})"
         lines.append(f"- {r['workload']} {r['ratio']}: {extra}")
     for name, q in report["quality"].items():
         lines.append(
