@@ -126,12 +126,13 @@ class TokenVerifier:
             raise AuthError("token too large")
         header = _header(token)
         kid = _kid(header)
-        if header.get("alg") not in self._settings.algorithms:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._settings.algorithms:  # a list: no hash
             raise AuthError("algorithm not allowed", kid=kid)
         key = self._keys.get(kid)
         if key is None:
             raise AuthError("unknown key", kid=kid)
-        if header["alg"] != key.algorithm_name:
+        if alg != key.algorithm_name:
             raise AuthError("algorithm not allowed", kid=kid)
         claims = self._claims(self._signed_payload(token, key, kid), kid)
         if self._revocations is not None and self._revocations.is_revoked(claims):

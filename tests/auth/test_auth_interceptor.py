@@ -254,6 +254,11 @@ TOKENS: list[tuple[str, Callable[[SigningKey, Callable[..., str]], str], str]] =
         "algorithm not allowed",
     ),
     ("hs256 with public key", _hs256_with_public_key, "algorithm not allowed"),
+    (  # unhashable: a set lookup raised TypeError and the call ended UNKNOWN
+        "alg a list",
+        lambda k, f: f({"alg": ["EdDSA"], "kid": k.kid}, jwt_claims(), lambda _: b"x"),
+        "algorithm not allowed",
+    ),
     ("expired", lambda k, f: k.token(now=time.time() - 700, ttl=600), "expired"),
     (
         "nbf in the future",

@@ -79,6 +79,9 @@ def test_alg_none_is_refused(verifier: TokenVerifier, forge: Callable[..., str])
     assert refused(verifier, token) == "malformed token"  # empty signature segment
     token = forge({"alg": "none", "kid": "main"}, valid_claims(), sign=lambda _: b"x")
     assert refused(verifier, token) == "algorithm not allowed"
+    for alg in (["EdDSA"], {"EdDSA": 1}, None, 7):  # not a string: refused, not a TypeError
+        token = forge({"alg": alg, "kid": "main"}, valid_claims(), sign=lambda _: b"x")
+        assert refused(verifier, token) == "algorithm not allowed"
 
 
 def test_hs256_signed_with_the_public_key_is_refused(
