@@ -39,12 +39,14 @@ class AccessLogInterceptor(UnaryInterceptor):
         def logged(request: Any, context: grpc.ServicerContext) -> Any:
             fields: dict[str, Any] = {}
             token = _fields.set(fields)
-            started = time.perf_counter()
+            started, raised = time.perf_counter(), True
             try:
-                return behaviour(request, context)
+                reply = behaviour(request, context)
+                raised = False
+                return reply
             finally:
                 _fields.reset(token)
-                code = code_name(context)
+                code = code_name(context, raised)
                 _write(method, context, code, fields, started)
                 if self._on_done:
                     self._on_done(code, fields)

@@ -71,20 +71,23 @@ class MetricsInterceptor(UnaryInterceptor):
             m.started.labels(*labels).inc()
             in_flight = m.in_flight.labels(service, name)
             in_flight.inc()
-            started = time.perf_counter()
+            started, raised = time.perf_counter(), True
             try:
-                return behaviour(request, context)
+                reply = behaviour(request, context)
+                raised = False
+                return reply
             finally:
                 in_flight.dec()
                 m.seconds.labels(*labels).observe(time.perf_counter() - started)
-                m.handled.labels(*labels, code_name(context)).inc()
+                m.handled.labels(*labels, code_name(context, raised)).inc()
 
         return measured
 
 
-def code_name(context: grpc.ServicerContext) -> str:
-    """The status the call ended with (OK unless the handler set or aborted with another)."""
-    code = context.code() or grpc.StatusCode.OK
+def code_name(context: grpc.ServicerContext, raised: bool = False) -> str:
+    """The status the call ended with: the one the handler set or aborted with, else OK, or
+    UNKNOWN if it raised (what gRPC answers for an exception that is not an abort)."""
+    code = context.code() or (grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK)
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
