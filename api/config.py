@@ -154,11 +154,22 @@ def default_api_workers() -> int:
 
 
 def _redact(uri: object) -> object:
-    """Drop a password from ``redis://user:secret@host``."""
-    if not isinstance(uri, str) or "@" not in uri:
+    """Drop credentials from a storage URI: ``redis://user:secret@host`` and the query
+    parameters redis-py and `limits` also take them from (``?password=secret``)."""
+    if not isinstance(uri, str):
         return uri
-    scheme, _, rest = uri.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    head, mark, query = uri.partition("?")
+    if "@" in head:
+        scheme, _, rest = head.partition("://")
+        head = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    params = [
+        f"{p.partition('=')[0]}=***" if p.partition("=")[0].lower() in SECRET_PARAMETERS else p
+        for p in query.split("&")
+    ]
+    return head + mark + "&".join(params)
+
+
+SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
 
 
 def build_options() -> opt.Options:

@@ -72,9 +72,20 @@ def test_processor_tls_required_unless_insecure(capsys: pytest.CaptureFixture[st
     assert "--processor-ca" in capsys.readouterr().err
 
 
-def test_public_view_redacts_redis_password() -> None:
-    s = config.load([*DEV, "--ratelimit-storage", "redis://:hunter2@127.0.0.1:6379/0"], environ={})
-    assert "hunter2" not in str(s.public())
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "redis://:hunter2@127.0.0.1:6379/0",
+        "redis://user:hunter2@127.0.0.1:6379/0?socket_timeout=1",
+        "redis://127.0.0.1:6379/0?password=hunter2",  # redis-py takes it from the query too
+        "redis+sentinel://h1:26379,h2:26379/mymaster?sentinel_password=hunter2&db=0",
+    ],
+)
+def test_public_view_redacts_redis_password(uri: str) -> None:
+    s = config.load([*DEV, "--ratelimit-storage", uri, "--revocations", uri], environ={})
+    public = str(s.public())
+    assert "hunter2" not in public
+    assert "6379" in public  # where it points stays readable
 
 
 def test_help_shows_every_option_with_env_name() -> None:
