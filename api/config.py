@@ -245,7 +245,13 @@ def build_options() -> opt.Options:
         "CIDR",
         kind="list",
     )
-    add("deadline", 30.0, "deadline for calls that set none", opt.positive_float, "SECONDS")
+    add(
+        "deadline",
+        30.0,
+        "deadline for calls that set none (also bounds the wait for the request body)",
+        opt.positive_float,
+        "SECONDS",
+    )
     add("max-deadline", 120.0, "cap on any call's deadline", opt.positive_float, "SECONDS")
     add("auth", "jwt", "jwt, or none (legacy/development only)", opt.choice("jwt", "none"), "MODE")
     add("jwks", None, "JWKS file with the token verification keys", metavar="FILE")

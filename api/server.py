@@ -168,7 +168,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
         AccessLogInterceptor(api_metrics.record),
         authentication(settings, tenants),
         RateLimitInterceptor(limits, current_tenant),
-        LazyRequestInterceptor((SERVICE_NAME,)),
+        LazyRequestInterceptor((SERVICE_NAME,), settings.deadline, settings.max_deadline),
     ]
     options = serving.message_options(
         settings.max_input_bytes,

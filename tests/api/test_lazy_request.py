@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -39,8 +40,10 @@ class HeldBody:
 class Api(Secured):
     """The secured API, called as a request stream so that the body can be held back."""
 
-    def __init__(self, tmp: Path, start_api: Callable, processor_port: int) -> None:
-        super().__init__(tmp, start_api, processor_port)
+    def __init__(
+        self, tmp: Path, start_api: Callable, processor_port: int, **overrides: Any
+    ) -> None:
+        super().__init__(tmp, start_api, processor_port, **overrides)
         self.stream = self.channel.stream_unary(
             METHOD,
             request_serializer=pb.ScaleImageRequest.SerializeToString,
@@ -113,3 +116,34 @@ def test_a_call_that_ends_without_a_message_is_invalid(api: Api) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "no request message",
     )
+
+
+def test_a_body_that_never_comes_frees_its_thread_and_slot(
+    tmp_path: Path, start_api, processor, sample_jpeg: bytes
+) -> None:
+    """Without a deadline (or with one past --max-deadline) gRPC would wait for the body for
+    ever, holding a worker thread and the tenant's in-flight slot: two such calls locked
+    this tenant out for good. The API's own deadline now ends the wait."""
+    api = Api(
+        tmp_path, start_api, processor.port, deadline=1.0, max_deadline=2.0,
+        max_concurrent_per_tenant=2,
+    )  # fmt: skip
+    token = api.token()
+    metadata = [("authorization", f"Bearer {token}")]
+    bodies = [HeldBody(pb.ScaleImageRequest(image=pb.Image(content=sample_jpeg))) for _ in "ab"]
+    try:
+        stalled = [
+            api.stream.future(iter(bodies[0]), metadata=metadata),  # no deadline at all
+            api.start(bodies[1], token)[0],  # one beyond --max-deadline
+        ]
+        for future in stalled:
+            error = future.exception(timeout=PATIENCE)
+            assert isinstance(error, grpc.RpcError)
+            assert error.code() == grpc.StatusCode.CANCELLED
+        assert not any(body.sent.is_set() for body in bodies)
+        reply, _ = api.call(pb.Image(content=sample_jpeg), token)  # the slots are free again
+        assert reply.info.output_width == 1024
+    finally:
+        for body in bodies:
+            body.release.set()
+        api.channel.close()
