@@ -98,7 +98,7 @@ class ApiMetrics:
         if tenant is None:
             return
         self.requests.labels(tenant, code).inc()
-        limited = "retry_after" in fields and code == "RESOURCE_EXHAUSTED"
+        limited = "retry_after" in fields  # noted by every limiter refusal, nothing else
         self.ratelimit.labels(tenant, "denied" if limited else "allowed").inc()
         if "scaled" in fields:
             decision = "scale" if fields["scaled"] else "keep-size"

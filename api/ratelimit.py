@@ -42,8 +42,9 @@ exhaustion, in the spirit of the IETF RateLimit header fields draft, as trailing
 (the only metadata that reaches a client with an error). A pixel refusal reports the pixel
 limit instead, a concurrency refusal the in-flight cap; a call served while the storage
 failed open has none (nothing is known). A refusal adds ``retry-after`` (seconds) and a
-``google.rpc.RetryInfo`` detail. With ``--auth none`` every caller shares the tenant
-``_anonymous`` (registry ids cannot start with an underscore: no collision with a tenant).
+``google.rpc.RetryInfo`` detail. With ``--auth none`` every caller is the tenant ``legacy``
+(``api.interceptors``); a call with no principal at all counts as ``_anonymous`` (registry ids
+cannot start with an underscore: no collision with a tenant).
 """
 
 from __future__ import annotations

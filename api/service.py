@@ -15,7 +15,7 @@ from api.fetch import Fetcher
 from api.forwarding import ProcessorClient
 from api.interceptors import current, require_scope
 from api.pb import imagescaler_pb2 as pb
-from api.ratelimit import Limiter, abort_for
+from api.ratelimit import Limiter, LimitError, abort_for
 from api.results import ResultStore
 from auth.tenants import SCOPE_CONTENT, SCOPE_STORE, SCOPE_URL, Tenant
 from processor import headers, serving, wire
@@ -120,6 +120,8 @@ class ScalerService:
             return self._scale(request, context)
         except ServiceError as exc:
             accesslog.note(reason=str(exc))
+            if isinstance(exc, LimitError):  # the pixel limit: a refusal, as at admission
+                accesslog.note(retry_after=exc.retry_after)
             abort_for(context, exc)
 
     def _scale(self, request: Received, context: grpc.ServicerContext) -> pb.ScaleImageReply:

@@ -97,3 +97,23 @@ def test_api_and_processor_metrics(tmp_path: Path, start_api, start_processor) -
         )
         == 3
     )
+
+
+def test_pixel_refusals_count_as_denied(tmp_path: Path, start_api, start_processor) -> None:
+    """A pixel-limit refusal comes from the handler, not the admission interceptor; it was
+    counted as ``allowed``."""
+    api_port = free_port()
+    processor = start_processor()
+    secured = Secured(tmp_path, start_api, processor.port, metrics_port=api_port)
+    try:
+        token = secured.token("bigpix")  # 3 megapixels per minute, 1 per small image
+        for _ in range(3):
+            secured.call(pb.Image(content=small_jpeg()), token)
+        refused = secured.refused(pb.Image(content=small_jpeg()), token)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "pixel limit" in refused.details()
+    finally:
+        secured.channel.close()
+    api = scrape(api_port)
+    assert value(api, "imagescaler_ratelimit_total", tenant="bigpix", result="allowed") == 3
+    assert value(api, "imagescaler_ratelimit_total", tenant="bigpix", result="denied") == 1
