@@ -26,6 +26,7 @@ from typing import Protocol
 
 import google.auth
 import google.auth.credentials
+import google.auth.exceptions
 import google.auth.transport.requests
 import requests
 from google.auth import iam
@@ -100,8 +101,10 @@ class IamSigner:
         if not self.credentials.valid:
             self.credentials.refresh(request)
         email = getattr(self.credentials, "service_account_email", None)
-        if not email or email == "default":
-            raise ValueError("cannot tell which service account signs: set the signing email")
+        if not email or email == "default":  # a GoogleAuthError: results.py's "permanent"
+            raise google.auth.exceptions.GoogleAuthError(
+                "cannot tell which service account signs: set --result-signing-email"
+            )
         self.email = email
         return email
 

@@ -456,6 +456,21 @@ def test_workload_identity_signs_through_iam_signblob(
     assert fetch_signed(stored.url, stored.size, "image/webp", 5.0) == b"wi result"
 
 
+def test_credentials_naming_no_account_give_unavailable(
+    bucket: storage.Bucket, iam: IamStub
+) -> None:
+    """User credentials (no service account) and no --result-signing-email: the signer
+    cannot tell whose key to use. That was a ValueError, UNKNOWN to the client and past
+    --result-fallback-inline; it is the storage being unavailable."""
+    credentials = google.oauth2.credentials.Credentials(token=WI_TOKEN)
+    store = results.store_from_uri(
+        f"gs://{bucket.name}/wi", results.StoreSettings(backoff=0.01), credentials=credentials
+    )
+    with pytest.raises(Unavailable, match="signing"):
+        store.put("acme", b"x", "image/webp", "webp", soon())
+    assert iam.calls == []
+
+
 def test_iam_refusing_to_sign_gives_unavailable(bucket: storage.Bucket, iam: IamStub) -> None:
     iam.status = 403
     with pytest.raises(Unavailable, match="signing"):
