@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 from PIL import Image
 
+from api.ratelimit import SCHEMES as RATELIMIT_SCHEMES
 from processor import options as opt
 from processor.config import default_workers
 
@@ -133,6 +134,10 @@ class ApiSettings:
             raise ValueError("--jwks and --tenants are required with --auth jwt")
         if self.deadline > self.max_deadline:
             raise ValueError("--deadline: must not exceed --max-deadline")
+        scheme, sep, _ = self.ratelimit_storage.partition("://")
+        if not sep or scheme not in RATELIMIT_SCHEMES:  # else a traceback at build_server
+            schemes = ", ".join(f"{s}://" for s in RATELIMIT_SCHEMES)
+            raise ValueError(f"--ratelimit-storage: expected one of {schemes}")
 
     def public(self) -> dict[str, object]:
         """The effective configuration for the startup log (file paths, never contents)."""

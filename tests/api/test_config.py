@@ -72,6 +72,14 @@ def test_processor_tls_required_unless_insecure(capsys: pytest.CaptureFixture[st
     assert "--processor-ca" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("uri", ["bogus://x", "127.0.0.1:6379", "redis:/x"])
+def test_a_bad_ratelimit_storage_stops_with_a_message(uri: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config.load([*DEV, "--ratelimit-storage", uri], environ={})
+    assert exc.value.code == 2
+    assert "--ratelimit-storage: expected one of memory://, redis://" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "uri",
     [
