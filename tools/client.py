@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,13 +138,10 @@ def parser() -> argparse.ArgumentParser:
         default=env("IMAGESCALER_SERVER", "127.0.0.1:50051"),
         help="API address (env IMAGESCALER_SERVER)",
     )
+    # No environment defaults here: token_from puts both flags before both variables.
+    p.add_argument("--token", help="bearer token (env IMAGESCALER_TOKEN)")
     p.add_argument(
-        "--token", default=env("IMAGESCALER_TOKEN"), help="bearer token (env IMAGESCALER_TOKEN)"
-    )
-    p.add_argument(
-        "--token-file",
-        default=env("IMAGESCALER_TOKEN_FILE"),
-        help="file holding the bearer token (env IMAGESCALER_TOKEN_FILE)",
+        "--token-file", help="file holding the bearer token (env IMAGESCALER_TOKEN_FILE)"
     )
     p.add_argument(
         "--ca",
@@ -199,10 +196,25 @@ def print_limits(metadata: dict[str, str]) -> None:
         print("ratelimit  " + " ".join(shown), file=sys.stderr)
 
 
+def token_from(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """--token, else --token-file, else IMAGESCALER_TOKEN, else IMAGESCALER_TOKEN_FILE
+    (flags win over the environment, as for every option)."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    if environ.get("IMAGESCALER_TOKEN"):
+        return environ["IMAGESCALER_TOKEN"]
+    path = environ.get("IMAGESCALER_TOKEN_FILE")
+    return Path(path).read_text().strip() if path else None
+
+
 def deliver(result: Result, args: argparse.Namespace) -> None:
     """Write the inline bytes, or print (and with --fetch download) the signed URL."""
     stored = result.reply.stored
-    if args.store:
+    if args.store and result.reply.storage_fallback:  # the API's --result-fallback-inline
+        print("stored     no: result storage failed, the image came inline", file=sys.stderr)
+    if args.store and not result.reply.storage_fallback:
         expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_unix))
         print(
             f"url        {stored.url}\nexpires    {expiry}\nsize       {stored.size} bytes "
@@ -225,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error("give an image FILE or --url")
     if args.fetch and not args.store:
         parser().error("--fetch needs --store")
-    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    token = token_from(args, os.environ)
     ca = Path(args.ca).read_bytes() if args.ca else None
     content = Path(args.file).read_bytes() if args.file else None
     with ScalerClient(args.server, token, ca, args.tls) as client:

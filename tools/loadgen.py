@@ -44,7 +44,7 @@ from typing import Any, TextIO
 import grpc
 
 from api.pb import imagescaler_pb2 as pb
-from tools.client import MAX_MESSAGE
+from tools.client import MAX_MESSAGE, token_from
 
 PROFILES = ("constant", "ramp", "step", "day")
 SCALE_IMAGE = f"/{pb.DESCRIPTOR.services_by_name['ImageScaler'].full_name}/ScaleImage"
@@ -502,18 +502,6 @@ def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
-
-
-def token_from(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    """--token, else --token-file, else IMAGESCALER_TOKEN, else IMAGESCALER_TOKEN_FILE."""
-    if args.token:
-        return str(args.token)
-    if args.token_file:
-        return Path(args.token_file).read_text().strip()
-    if environ.get("IMAGESCALER_TOKEN"):
-        return environ["IMAGESCALER_TOKEN"]
-    path = environ.get("IMAGESCALER_TOKEN_FILE")
-    return Path(path).read_text().strip() if path else None
 
 
 def settings(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Profile, Target, bool]:

@@ -115,3 +115,37 @@ def test_client_retries_a_stopping_replica_even_for_large_images(failures, attem
     finally:
         server.stop(None)
     assert servicer.sizes == [len(image)] * attempts
+
+
+@pytest.mark.parametrize("fetch", [False, True])
+def test_store_keeps_an_image_the_api_sent_inline_instead(
+    tmp_path: Path, capsys, fetch: bool
+) -> None:
+    """The API's --result-fallback-inline: storage failed, the bytes came in the reply. The
+    client printed an empty URL (expiring 1970) and dropped them, or failed to fetch ""."""
+    reply = pb.ScaleImageReply(content=b"jpeg bytes", storage_fallback=True)
+    result = client.Result(reply.content, reply.info, {}, 0.1, reply)
+    out = tmp_path / "out.jpg"
+    argv = ["x", "--store", "-o", str(out), *(["--fetch"] if fetch else [])]
+    client.deliver(result, client.parser().parse_args(argv))
+    assert out.read_bytes() == b"jpeg bytes"
+    assert "came inline" in capsys.readouterr().err
+
+
+def test_token_flags_win_over_the_environment(tmp_path: Path) -> None:
+    stale = tmp_path / "stale"
+    stale.write_text("from-env-file\n")
+    fresh = tmp_path / "fresh"
+    fresh.write_text("from-flag-file\n")
+    env = {"IMAGESCALER_TOKEN_FILE": str(stale), "IMAGESCALER_TOKEN": "from-env"}
+
+    def token(*flags: str) -> str | None:
+        return client.token_from(client.parser().parse_args(["x", *flags]), env)
+
+    assert token("--token", "from-flag") == "from-flag"
+    assert token("--token-file", str(fresh)) == "from-flag-file"
+    assert token() == "from-env"
+    assert (
+        client.token_from(client.parser().parse_args(["x"]), {"IMAGESCALER_TOKEN_FILE": str(stale)})
+        == "from-env-file"
+    )
