@@ -116,6 +116,8 @@ class ApiSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.max_input_bytes > opt.MAX_INPUT_BYTES:
+            raise ValueError("--max-input-bytes: at most 1GB (gRPC's message limit is 2 GB)")
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS}")
         client_tls = (self.processor_ca, self.processor_cert, self.processor_key)

@@ -41,6 +41,8 @@ class ProcessorSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        if self.max_input_bytes > opt.MAX_INPUT_BYTES:
+            raise ValueError("--max-input-bytes: at most 1GB (gRPC's message limit is 2 GB)")
         if Image.MAX_IMAGE_PIXELS and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(
                 f"--max-pixels: at most {Image.MAX_IMAGE_PIXELS} (Pillow's bomb limit)"
@@ -100,7 +102,13 @@ def build_options() -> opt.Options:
         opt.positive_int,
         "N",
     )
-    o.add("queue", 8, "requests that may wait for a worker before new ones are refused", int, "N")
+    o.add(
+        "queue",
+        8,
+        "requests that may wait for a worker before new ones are refused",
+        opt.non_negative_int,
+        "N",
+    )
     o.add(
         "max-input-bytes",
         32 * 1024 * 1024,
@@ -121,7 +129,7 @@ def build_options() -> opt.Options:
         "max-connection-age",
         300.0,
         "seconds before clients must reconnect (and re-resolve)",
-        opt.positive_float,
+        opt.seconds,
         "SECONDS",
     )
     o.add_lifecycle()

@@ -9,6 +9,7 @@ typed settings object from the ``dict`` that :func:`parse` returns.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tomllib
@@ -125,7 +126,7 @@ class Options:
             "grace",
             25.0,
             "seconds in-flight requests get to finish on SIGTERM",
-            positive_float,
+            seconds,
             "SECONDS",
         )
         self.add(
@@ -133,7 +134,7 @@ class Options:
             1.0,
             "seconds between reporting NOT_SERVING and refusing new "
             "calls on SIGTERM, so balancers route elsewhere first",
-            float,
+            pause_seconds,
             "SECONDS",
         )
         self.add(
@@ -237,10 +238,41 @@ def positive_int(text: str) -> int:
     return value
 
 
+# gRPC takes durations as int32 milliseconds (24.8 days): a longer one is an OverflowError.
+MAX_SECONDS = 7 * 86400.0
+
+
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be positive, got {text}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"must be positive and finite, got {text}")
+    return value
+
+
+# A request is one gRPC message, and channel limits are int32 bytes (with our envelope).
+MAX_INPUT_BYTES = 1 << 30
+
+
+def seconds(text: str) -> float:
+    """A duration: positive, at most a week (gRPC's limit is int32 milliseconds)."""
+    value = positive_float(text)
+    if value > MAX_SECONDS:
+        raise ValueError(f"at most {MAX_SECONDS:g} seconds, got {text}")
+    return value
+
+
+def pause_seconds(text: str) -> float:
+    """A pause that may be zero (``time.sleep`` refuses a negative one mid-drain)."""
+    value = float(text)
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be between 0 and {MAX_SECONDS:g} seconds, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
     return value
 
 

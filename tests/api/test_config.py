@@ -47,6 +47,11 @@ def test_list_options_from_env() -> None:
         ([], {"IMAGESCALER_TARGET_SIZE": "big"}, "IMAGESCALER_TARGET_SIZE"),
         ([], {"IMAGESCALER_GRAYSCALE": "maybe"}, "IMAGESCALER_GRAYSCALE"),
         (["--allow-source-cidr", "nonsense"], {}, "--allow-source-cidr"),
+        # accepted once, then a crash: sleep(-1) mid-drain, int32 overflows in gRPC options
+        (["--drain-delay", "-1"], {}, "--drain-delay"),
+        (["--drain-delay", "nan"], {}, "--drain-delay"),
+        (["--grace", "inf"], {}, "--grace"),
+        (["--max-input-bytes", "4GB"], {}, "--max-input-bytes"),
     ],
 )
 def test_bad_values_exit_naming_the_option(

@@ -179,6 +179,23 @@ def test_insecure_refuses_non_loopback() -> None:
         config.ProcessorSettings(listen="0.0.0.0:50052", insecure=True)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--queue", "-2"),  # refused every call as "at capacity"; -3 was a traceback
+        ("--drain-delay", "-1"),  # time.sleep(-1) on SIGTERM: no drain at all
+        ("--grace", "inf"),  # int32 milliseconds in gRPC's options: OverflowError
+        ("--max-connection-age", "3000000"),
+        ("--max-input-bytes", "4GB"),
+    ],
+)
+def test_values_that_failed_later_stop_at_start(flag: str, value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config.load(["--insecure", flag, value], environ={})
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_help_lists_options_and_env_names() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "processor.server", "--help"],
