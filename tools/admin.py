@@ -233,6 +233,8 @@ def _mint(args: argparse.Namespace) -> None:
         raise Refused(f"--ttl {args.ttl}s is above the maximum of {args.max_ttl}s (--max-ttl)")
     if not TENANT_ID_PATTERN.fullmatch(args.tenant):
         raise Refused(f"--tenant must match {TENANT_ID_PATTERN.pattern}, got {args.tenant!r}")
+    if not args.scope:  # a token without scopes is refused by every method
+        raise Refused(f"give at least one --scope: {', '.join(sorted(SCOPES))}")
     unknown = sorted(set(args.scope) - SCOPES)
     if unknown:
         raise Refused(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(SCOPES))}")

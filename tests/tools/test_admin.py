@@ -27,6 +27,8 @@ from tools import admin
 
 ROOT = Path(__file__).resolve().parents[2]
 
+SCOPE = ("--scope", "scale:content")
+
 
 def run(
     capsys: pytest.CaptureFixture[str], *argv: str, environ: dict[str, str] | None = None
@@ -121,10 +123,14 @@ def test_keygen_rotation_keeps_old_keys_and_protects_private_keys(
     keydir: Path, capsys: pytest.CaptureFixture[str], serve: Callable[[Path], int]
 ) -> None:
     port = serve(keydir / "jwks.json")
-    old = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme")[1].strip()
+    old = run(capsys, "mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme", *SCOPE)[
+        1
+    ].strip()
     status, out, _ = run(capsys, "keygen", "--out", str(keydir), "--kid", "k2", "--alg", "EdDSA")
     assert status == 0 and json.loads(out)["kids"] == ["k1", "k2"]
-    new = run(capsys, "mint", "--key", str(keydir / "k2.pem"), "--tenant", "acme")[1].strip()
+    new = run(capsys, "mint", "--key", str(keydir / "k2.pem"), "--tenant", "acme", *SCOPE)[
+        1
+    ].strip()
     assert call(port, old)[0] == call(port, new)[0] == grpc.StatusCode.OK
     for name in ("k1.pem", "k2.pem"):
         assert stat.S_IMODE((keydir / name).stat().st_mode) == 0o600
@@ -158,7 +164,9 @@ def test_keygen_other_algorithms(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], alg: str
 ) -> None:
     run(capsys, "keygen", "--out", str(tmp_path), "--kid", "k", "--alg", alg)
-    token = run(capsys, "mint", "--key", str(tmp_path / "k.pem"), "--tenant", "acme")[1].strip()
+    token = run(capsys, "mint", "--key", str(tmp_path / "k.pem"), "--tenant", "acme", *SCOPE)[
+        1
+    ].strip()
     status, out, _ = run(
         capsys, "inspect", token, "--jwks", str(tmp_path / "jwks.json"), "--algorithms", alg
     )
@@ -173,13 +181,15 @@ def test_keygen_other_algorithms(
         (["--scope", "scale:everything"], "unknown scope(s) scale:everything"),
         (["--tenant", "Acme"], "--tenant must match"),
         (["--kid", "../x"], "cannot use '../x' as kid"),
+        ([], "give at least one --scope"),  # was a token every method refuses
     ],
 )
 def test_mint_refusals(
     keydir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     base = ["mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme"]
-    status, out, err = run(capsys, *base, *argv)
+    scoped = argv if not argv or "--scope" in argv else [*argv, *SCOPE]
+    status, out, err = run(capsys, *base, *scoped)
     assert (status, out) == (1, "") and message in err
 
 
@@ -218,6 +228,7 @@ def test_inspect_explains_refusals(
         str(keydir / "k1.pem"),
         "--tenant",
         "acme",
+        *SCOPE,
         "--audience",
         "elsewhere",
     )[1].strip()
