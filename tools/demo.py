@@ -8,6 +8,7 @@ No Redis and no cloud: rate limits and revocations live in memory.
 
 from __future__ import annotations
 
+import datetime
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools import serverenv
@@ -44,8 +46,8 @@ def run(*argv: str | Path) -> str:
 def prepare() -> None:
     """Certificates, key, tenants and token: made once, kept in .run/ (git-ignored)."""
     RUN.mkdir(exist_ok=True)
-    if not (RUN / "certs" / "ca.pem").exists():
-        run("tools.admin", "certs", "--out", RUN / "certs")
+    if not certs_fresh(RUN / "certs"):  # missing, or the 90-day dev certificates ran out
+        run("tools.admin", "certs", "--out", RUN / "certs", "--force")
     if not (RUN / "keys" / "demo.pem").exists():
         run("tools.admin", "keygen", "--out", RUN / "keys", "--kid", "demo")
     (RUN / "tenants.yaml").write_text(TENANTS)
@@ -64,6 +66,18 @@ def prepare() -> None:
         "12h",
     )
     (RUN / "token").write_text(token.strip() + "\n")
+
+
+def certs_fresh(certs: Path, margin: datetime.timedelta = datetime.timedelta(days=1)) -> bool:
+    """Every certificate the demo uses is there and valid for at least ``margin`` more."""
+    until = datetime.datetime.now(datetime.UTC) + margin
+    for name in ("ca.pem", "processor.pem", "api.pem"):
+        path = certs / name
+        if not path.exists():
+            return False
+        if x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc < until:
+            return False
+    return True
 
 
 def start() -> list[subprocess.Popen[bytes]]:
