@@ -9,8 +9,10 @@ from dataclasses import dataclass, fields
 from PIL import Image
 
 from api.ratelimit import SCHEMES as RATELIMIT_SCHEMES
+from processor import imaging
 from processor import options as opt
 from processor.config import default_workers
+from processor.service import MAX_SIDE
 
 FITS = ("pad", "fill", "fit", "stretch")
 FORMATS = ("jpeg", "png", "webp")
@@ -136,6 +138,14 @@ class ApiSettings:
             raise ValueError("--jwks and --tenants are required with --auth jwt")
         if self.deadline > self.max_deadline:
             raise ValueError("--deadline: must not exceed --max-deadline")
+        width, height = self.target_size
+        side = min(MAX_SIDE, imaging.max_side(self.format))
+        if max(width, height) > side or width * height > self.max_pixels:
+            # else every scaled call is refused, as if the caller's image were at fault
+            raise ValueError(
+                f"--target-size: {width}x{height} is beyond what {self.format} output allows "
+                f"({side} a side) or --max-pixels ({self.max_pixels})"
+            )
         scheme, sep, _ = self.ratelimit_storage.partition("://")
         if not sep or scheme not in RATELIMIT_SCHEMES:  # else a traceback at build_server
             schemes = ", ".join(f"{s}://" for s in RATELIMIT_SCHEMES)

@@ -343,6 +343,11 @@ def decode_size(header: Header, geometry: Geometry) -> tuple[int, int]:
     return (height, width) if header.orientation >= 5 else (width, height)
 
 
+def max_side(fmt: str) -> int:
+    """The longest side an output in ``fmt`` can have."""
+    return _MAX_SIDE[fmt]
+
+
 def _check_output(geometry: Geometry, job: Job, limits: Limits) -> None:
     width, height = geometry.output_width, geometry.output_height
     if width * height > limits.max_pixels:

@@ -51,6 +51,10 @@ def test_list_options_from_env() -> None:
         (["--drain-delay", "-1"], {}, "--drain-delay"),
         (["--drain-delay", "nan"], {}, "--drain-delay"),
         (["--grace", "inf"], {}, "--grace"),
+        # accepted, then every scaled call refused as if the image were at fault
+        (["--target-size", "16384x768", "--format", "webp"], {}, "--target-size"),
+        (["--target-size", "16384x16384"], {}, "--target-size"),
+        (["--target-size", "20000x10"], {}, "--target-size"),
         (["--max-input-bytes", "4GB"], {}, "--max-input-bytes"),
     ],
 )
