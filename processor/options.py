@@ -240,6 +240,8 @@ def positive_int(text: str) -> int:
 
 # gRPC takes durations as int32 milliseconds (24.8 days): a longer one is an OverflowError.
 MAX_SECONDS = 7 * 86400.0
+# A request is one gRPC message, and channel limits are int32 bytes (with our envelope).
+MAX_INPUT_BYTES = 1 << 30
 
 
 def positive_float(text: str) -> float:
@@ -247,10 +249,6 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise ValueError(f"must be positive and finite, got {text}")
     return value
-
-
-# A request is one gRPC message, and channel limits are int32 bytes (with our envelope).
-MAX_INPUT_BYTES = 1 << 30
 
 
 def seconds(text: str) -> float:

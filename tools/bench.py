@@ -789,9 +789,14 @@ def ratios(rows: Sequence[dict]) -> list[dict[str, Any]]:
             row = {"workload": name, "ratio": "e2e/engine", "throughput": round(speed, 2)}
             # throughput = ceiling x (e2e busy / engine busy): the CPU and the idle apart
             ceiling = server_cpu(eng) / max(sum(e2e_row["cpu_ms_per_image"].values()), 1e-9)
-            busy = {"e2e": _busy(e2e_row), "engine": _busy(eng)}
-            out.append({**row, "server_cpu": round(cpu, 2), "cpu_ceiling": round(ceiling, 2)})
-            out[-1]["cores_busy"] = busy
+            out.append(
+                {
+                    **row,
+                    "server_cpu": round(cpu, 2),
+                    "cpu_ceiling": round(ceiling, 2),
+                    "cores_busy": {"e2e": _busy(e2e_row), "engine": _busy(eng)},
+                }
+            )
     return out
 
 
