@@ -170,6 +170,9 @@ def default_api_workers() -> int:
     return max(64, 8 * default_workers())
 
 
+SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
+
+
 def _redact(uri: object) -> object:
     """Drop credentials from a storage URI: ``redis://user:secret@host`` and the query
     parameters redis-py and `limits` also take them from (``?password=secret``)."""
@@ -184,9 +187,6 @@ def _redact(uri: object) -> object:
         for p in query.split("&")
     ]
     return head + mark + "&".join(params)
-
-
-SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
 
 
 def build_options() -> opt.Options:
