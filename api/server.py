@@ -22,6 +22,7 @@ from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimit
 from api.results import ResultStore, StoreSettings, store_from_uri
 from api.service import SERVICE_NAME, ScalerService, add_to_server
 from auth.keys import KeyStore
+from auth.reloading import InvalidFile
 from auth.revocation import revocations_from_url
 from auth.tenants import TenantRegistry
 from auth.tokens import AuthSettings, TokenVerifier
@@ -150,7 +151,8 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     so that every refusal comes before the image is uploaded.
     """
     channel = processor_channel(settings)
-    tenants = TenantRegistry(settings.tenants) if settings.tenants else None
+    can_store = settings.result_store is not None
+    tenants = TenantRegistry(settings.tenants, can_store=can_store) if settings.tenants else None
     limits = limiter(settings, tenants)
     fetcher = fetcher or Fetcher(fetch_policy(settings))
     store = result_store(settings)
@@ -199,7 +201,11 @@ def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials
 def main(argv: Sequence[str] | None = None) -> None:
     settings = config.load(argv)
     logs.configure(settings.log_level)
-    running = build_server(settings)
+    try:
+        running = build_server(settings)
+    except InvalidFile as exc:  # a key set or tenant registry that cannot serve
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     frozen = serving.freeze_startup_heap()
     log.info(
         "serving",

@@ -167,6 +167,17 @@ def load_tenants(path: str | Path) -> dict[str, Tenant]:
     return ReloadingFile(path, parse_tenants, "tenant registry").current()
 
 
+def without_storage(tenants: dict[str, Tenant]) -> dict[str, Tenant]:
+    """Refuse a registry that requires storage of an API that stores nothing: every call of
+    such a tenant would fail, so the registry is refused instead (at start, or on reload)."""
+    needing = sorted(t.id for t in tenants.values() if t.storage == "require")
+    if needing:
+        raise InvalidFile(
+            f"tenant(s) {', '.join(needing)}: 'storage: require' needs an API with --result-store"
+        )
+    return tenants
+
+
 class TenantRegistry:
     """Tenants by id from a file that is re-read when it changes."""
 
@@ -175,8 +186,10 @@ class TenantRegistry:
         path: str | Path,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        can_store: bool = True,
     ) -> None:
-        self._file = ReloadingFile(path, parse_tenants, "tenant registry", interval, clock)
+        parse = parse_tenants if can_store else lambda data: without_storage(parse_tenants(data))
+        self._file = ReloadingFile(path, parse, "tenant registry", interval, clock)
 
     def get(self, tenant_id: str) -> Tenant | None:
         return self._file.current().get(tenant_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,30 @@ def test_every_settings_field_is_an_option() -> None:
     dests = {a.dest for a in config.build_options().parser._actions}
     missing = {f.name for f in fields(config.ApiSettings)} - dests
     assert not missing
+
+
+@pytest.mark.parametrize(
+    ("jwks", "registry", "named"),
+    [
+        ("{}", "tenants: [{id: acme}]", "JWKS"),
+        ('{"keys": []}', "tenants: [{id: acme, storage: sometimes}]", "tenant 'acme': 'storage'"),
+        ('{"keys": []}', "tenants: [{id: acme, storage: require}]", "--result-store"),
+    ],
+)
+def test_a_key_set_or_registry_that_cannot_serve_stops_the_api_at_start(
+    tmp_path: Path, jwks: str, registry: str, named: str
+) -> None:
+    """A clear JSON log line and exit code 2, not a traceback."""
+    (tmp_path / "jwks.json").write_text(jwks)
+    (tmp_path / "tenants.yaml").write_text(registry)
+    server = [sys.executable, "-m", "api.server", "--listen", "127.0.0.1:0", "--metrics-port", "0"]
+    files = ["--jwks", str(tmp_path / "jwks.json"), "--tenants", str(tmp_path / "tenants.yaml")]
+    done = subprocess.run(
+        [*server, "--processor-insecure", "--auth", "jwt", *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert named in json.loads(done.stderr.strip().splitlines()[-1])["message"]

@@ -122,3 +122,22 @@ def test_load_tenants_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"tenants: [{id: UPPER}]")
     with pytest.raises(InvalidFile, match=f"tenant registry {path}: tenant #0"):
         load_tenants(path)
+
+
+def test_an_api_without_storage_refuses_tenants_that_require_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every call of such a tenant would fail; the registry is refused at start and on reload."""
+    path = tmp_path / "tenants.yaml"
+    path.write_bytes(b"tenants: [{id: acme, storage: require}, {id: b, storage: require}]")
+    with pytest.raises(InvalidFile, match=r"b, acme|acme, b.*needs an API with --result-store"):
+        TenantRegistry(path, can_store=False)
+    assert TenantRegistry(path, can_store=True).get("acme") is not None
+    path.write_bytes(b"tenants: [{id: acme, storage: allow}]")
+    clock = FakeClock()
+    registry = TenantRegistry(path, interval=1.0, clock=clock, can_store=False)
+    write_atomically(path, b"tenants: [{id: acme, storage: require}, {id: newcomer}]")
+    clock.now = 1.0
+    with caplog.at_level(logging.ERROR, logger="auth.reloading"):
+        assert registry.ids() == {"acme"}
+    assert "acme: 'storage: require' needs an API with --result-store" in caplog.text
