@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -34,6 +35,9 @@ _SHORT = 3
 # JPEG start-of-frame markers carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) do not.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Between its bomb limit and twice that, Pillow only warns: in a server, a non-JSON line on
+# stderr about an image that is refused anyway (--max-pixels is at most that limit).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 # Structure budgets. Pillow parses JPEG segments, PNG chunks and GIF blocks one Python step
 # at a time, and libjpeg re-walks every coefficient for each progressive scan, so a small

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -103,13 +106,29 @@ def test_bombs_are_refused_from_the_header(images, make, message):
     ("frame", "message"),
     [
         ((20000, 20000), "image declares 400 MP"),  # Pillow's DecompressionBombError
-        ((10000, 10000), "image declares 100 MP"),  # Pillow's warning (an error under pytest)
+        ((10000, 10000), "image declares 100 MP"),  # Pillow's warning, made an error
         ((9000, 8000), "image is 9000x8000 (72 MP)"),  # under Pillow's limit, over ours
     ],
 )
 def test_gif_frame_larger_than_its_screen_is_refused(images, frame, message):
     with pytest.raises(TooLarge, match=f"^{re.escape(message)}; the limit is 64 MP$"):
         check(images.gif_header_only((1, 1), frame))
+
+
+def test_pillows_bomb_warning_is_a_refusal_not_a_line_on_stderr(images):
+    """Outside pytest (which makes every warning an error) Pillow printed a non-JSON warning."""
+    data = images.gif_header_only((1, 1), (10000, 10000))
+    code = (
+        "import sys; from processor.headers import probe\n"
+        "try: probe(bytes.fromhex(sys.argv[1]), 1 << 20, 64_000_000)\n"
+        "except Exception as exc: print(type(exc).__name__, exc)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, data.hex()], capture_output=True, text=True, env=env
+    )
+    assert done.stdout == "TooLarge image declares 100 MP; the limit is 64 MP\n"
+    assert done.stderr == ""
 
 
 def test_pixel_limit_is_configurable(images):
