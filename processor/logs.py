@@ -29,9 +29,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
-    """Send JSON lines to stderr at ``level``; called once from each ``main()``."""
+    """Send JSON lines to stderr at ``level``; called once from each ``main()``.
+
+    Library warnings (Pillow's about odd images, say) become JSON lines too, through the
+    ``py.warnings`` logger, instead of free text in the middle of the log stream.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
