@@ -27,10 +27,12 @@ Errors (from :mod:`processor.errors`; messages never name internal addresses):
 * ``InvalidInput``: bad URL, scheme, userinfo, port, blocked address or name, compressed body
   (the request itself is unacceptable; retrying will not help);
 * ``FailedPrecondition``: the origin answered but refuses or sends no usable image: 4xx other
-  than 408/429, non-image content type, too many redirects, bad TLS certificate, malformed HTTP;
+  than 408/429, non-image content type, an empty body, too many redirects, bad TLS certificate
+  or handshake, malformed HTTP (including conflicting Content-Length headers);
 * ``Unavailable``: DNS failure, connection refused/reset, truncated body, 5xx, 408, 429
   (transient: the origin may work later);
-* ``TooLarge``: the body exceeds ``max_bytes`` (declared or while streaming);
+* ``TooLarge``: the body exceeds ``max_bytes`` (declared or while streaming), or the response
+  as a whole (interim responses, headers, chunk framing, trailers) exceeds twice that;
 * ``DeadlineExceeded``: a connect or read timeout, or the total deadline passed.
 """
 
@@ -358,19 +360,35 @@ def _resolve_within(resolver: Resolver, host: str, port: int, clock: _Clock) -> 
     return list(value)
 
 
-class _DeadlineRaw(io.RawIOBase):
-    """Socket reads that re-arm the timeout before every recv, capped by the deadline."""
+def _wire_budget(max_bytes: int) -> int:
+    """Bytes a response may take on the wire: the body, and as much again for chunk framing,
+    plus room for headers. http.client reads any number of 1xx responses and trailer lines,
+    so without it an origin could keep a core busy until the deadline."""
+    return 2 * max_bytes + 64 * 1024
 
-    def __init__(self, inner: io.RawIOBase, sock: socket.socket, clock: _Clock, limit: float):
+
+class _DeadlineRaw(io.RawIOBase):
+    """Socket reads that re-arm the timeout before every recv, capped by the deadline, and
+    counted against the response's byte budget."""
+
+    def __init__(
+        self, inner: io.RawIOBase, sock: socket.socket, clock: _Clock, limit: float, budget: int
+    ):
         super().__init__()
         self._inner, self._sock, self._clock, self._limit = inner, sock, clock, limit
+        self._left = budget
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int | None:
+        if self._left <= 0:
+            raise TooLarge("URL source response is too large (headers, framing or body)")
         self._sock.settimeout(self._clock.bound(self._limit))
-        return self._inner.readinto(buffer)
+        with memoryview(buffer) as view:
+            n = self._inner.readinto(view[: self._left])
+        self._left -= n or 0
+        return n
 
     def close(self) -> None:
         self._inner.close()
@@ -380,10 +398,12 @@ class _DeadlineRaw(io.RawIOBase):
 class _DeadlineResponse(http.client.HTTPResponse):
     """An HTTPResponse whose status line, headers and body all obey the deadline."""
 
-    def __init__(self, sock: socket.socket, *args: Any, clock: _Clock, limit: float, **kw: Any):
+    def __init__(
+        self, sock: socket.socket, *args: Any, clock: _Clock, limit: float, budget: int, **kw: Any
+    ):
         super().__init__(sock, *args, **kw)
         inner = self.fp.detach()  # keep the socket's io reference; only swap the reader
-        self.fp = io.BufferedReader(_DeadlineRaw(inner, sock, clock, limit))
+        self.fp = io.BufferedReader(_DeadlineRaw(inner, sock, clock, limit, budget))
 
 
 class _Connection(http.client.HTTPConnection):
@@ -393,7 +413,7 @@ class _Connection(http.client.HTTPConnection):
         super().__init__(url.host, url.port)
         self._addresses, self._clock, self._policy = addresses, clock, p
         self.response_class = functools.partial(  # type: ignore[assignment]
-            _DeadlineResponse, clock=clock, limit=p.read_timeout
+            _DeadlineResponse, clock=clock, limit=p.read_timeout, budget=_wire_budget(p.max_bytes)
         )
 
     def connect(self) -> None:
@@ -582,6 +602,8 @@ def _check_response(response: http.client.HTTPResponse, max_bytes: int) -> str:
     transfer = (response.getheader("Transfer-Encoding") or "chunked").strip().lower()
     if encoding != "identity" or transfer != "chunked":
         raise InvalidInput("URL source sent a compressed or encoded body (not accepted)")
+    if len({v.strip() for v in response.headers.get_all("Content-Length") or ()}) > 1:
+        raise FailedPrecondition("URL source sent conflicting Content-Length headers")
     media_type = _media_type(response.getheader("Content-Type"))
     if response.length is not None and response.length > max_bytes:
         raise TooLarge(f"URL source is larger than {max_bytes} bytes")
@@ -618,6 +640,8 @@ def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
         chunks.append(chunk)
     if declared is not None and total != declared:
         raise Unavailable("URL source closed the connection mid-body (transient)")
+    if not total:
+        raise FailedPrecondition("URL source sent an empty body, not an image")
     return b"".join(chunks)
 
 
@@ -629,6 +653,9 @@ def _translate(exc: BaseException, clock: _Clock) -> ServiceError:
         return DeadlineExceeded("URL source timed out (connect or read)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return FailedPrecondition("URL source TLS certificate verification failed")
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+        # e.g. plain HTTP on the https port, or no protocol or cipher in common: permanent
+        return FailedPrecondition("URL source TLS handshake failed")
     if isinstance(exc, socket.gaierror):
         return Unavailable("URL host could not be resolved (DNS; may be transient)")
     if isinstance(exc, ConnectionRefusedError):

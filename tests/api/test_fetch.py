@@ -800,6 +800,44 @@ def test_malformed_response_is_failed_precondition(origin: Origin) -> None:
     assert "malformed" in refused(fetcher(), origin.url(), FailedPrecondition)
 
 
+def endless_framing(where: str) -> Route:
+    """Never-ending chunked trailer lines, or 100 Continue responses: no body bytes at all."""
+
+    def write(h: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        pad = b"X-Pad: " + b"a" * 8000 + b"\r\n"
+        if where == "trailer":
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n")
+            h.wfile.write(b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n")
+        while not stop.is_set():
+            h.wfile.write(pad if where == "trailer" else b"HTTP/1.1 100 Continue\r\n" + pad)
+            if where != "trailer":
+                h.wfile.write(b"\r\n")
+
+    return write
+
+
+@pytest.mark.parametrize("where", ["trailer", "continue"])
+def test_a_response_that_never_reaches_its_body_is_capped_by_bytes(
+    origin: Origin, where: str
+) -> None:
+    """http.client reads any number of trailer lines and 1xx responses; the cap counts them."""
+    origin.routes["/img"] = endless_framing(where)
+    fetch = fetcher(max_bytes=100_000, read_timeout=5.0, total_timeout=5.0)
+    assert "too large" in refused(fetch, origin.url(), TooLarge)
+
+
+def test_conflicting_content_lengths_are_malformed(origin: Origin) -> None:
+    origin.routes["/img"] = reply(headers={"Content-Length": "10"})
+    assert "conflicting Content-Length" in refused(fetcher(), origin.url(), FailedPrecondition)
+    origin.routes["/img"] = reply(headers={"Content-Length": str(len(PNG))})
+    assert fetcher().fetch(origin.url(), timeout=3.0).data == PNG  # the same value twice
+
+
+def test_an_empty_body_is_not_an_image(origin: Origin) -> None:
+    origin.routes["/img"] = reply(b"")
+    assert "empty body" in refused(fetcher(), origin.url(), FailedPrecondition)
+
+
 def test_dns_failures_are_unavailable() -> None:
     assert "DNS" in refused(fetcher(), "http://unknown.test/", Unavailable)
     assert "DNS" in refused(fetcher(names={"empty.test": []}), "http://empty.test/", Unavailable)
@@ -893,6 +931,15 @@ def test_https_connects_to_checked_address_and_verifies_the_name(
     assert tls_origin.requests[0][1]["Host"] == f"img.test:{tls_origin.port}"
     message = refused(fetch, tls_origin.url(host="other.test"), FailedPrecondition)
     assert "certificate" in message
+
+
+def test_https_to_a_plain_http_origin_is_a_permanent_failure(
+    origin: Origin, tls_files: TLSFiles
+) -> None:
+    trust = ssl.create_default_context(cafile=tls_files.ca)
+    fetch = Fetcher(policy(), StubResolver({"img.test": ["127.0.0.1"]}), ssl_context=trust)
+    url = f"https://img.test:{origin.port}/img"
+    assert "TLS handshake failed" in refused(fetch, url, FailedPrecondition)
 
 
 def test_https_with_system_trust_refuses_an_unknown_ca(tls_origin: Origin) -> None:
