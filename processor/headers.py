@@ -7,6 +7,7 @@ openers with an explicit allowlist), never by a file name or a declared content 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import struct
@@ -113,10 +114,18 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(_bomb_message(str(exc), max_pixels)) from exc
     except Image.UnidentifiedImageError as exc:
-        name = _signature(data)
-        raise InvalidInput(f"corrupt {name} header" if name else UNSUPPORTED) from exc
+        raise InvalidInput(_unopenable(data) if _signature(data) else UNSUPPORTED) from exc
     except Exception as exc:  # Pillow raises many types on hostile headers; none may escape.
-        raise InvalidInput(f"corrupt {_signature(data) or 'image'} header") from exc
+        raise InvalidInput(_unopenable(data)) from exc
+
+
+def _unopenable(data: bytes) -> str:
+    """Why Pillow could not open the header: a valid JPEG it cannot decode, or damage."""
+    with contextlib.suppress(struct.error):
+        frame = _jpeg_frame(data) if data.startswith(b"\xff\xd8") else None
+        if frame and frame[0] != 8:
+            return f"JPEG with {frame[0]}-bit samples is not supported (8-bit only)"
+    return f"corrupt {_signature(data) or 'image'} header"
 
 
 def _signature(data: bytes) -> str | None:
@@ -302,7 +311,12 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Walk the marker segments up to the first start-of-frame."""
+    frame = _jpeg_frame(data)
+    return frame[1:] if frame else None
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """Sample precision, width and height: walk the marker segments to the first frame."""
     pos = 2
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
@@ -318,7 +332,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if length < 2:
             return None
         if marker in _SOF_MARKERS:
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
+            precision, height, width = struct.unpack_from(">BHH", data, pos + 4)
+            return precision, width, height
         pos += 2 + length
     return None

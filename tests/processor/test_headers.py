@@ -236,3 +236,13 @@ def test_the_header_probe_searches_only_progressive_files_for_scans(images):
         check_structure(progressive, decoding=False)
     with pytest.raises(TooLarge, match="over 100 scans"):
         check(progressive)
+
+
+def test_a_12_bit_jpeg_is_unsupported_not_corrupt(images):
+    data = bytearray(images.encode(Image.new("L", (64, 48), 100), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1], data[sof + 4] = 0xC1, 12  # extended sequential, 12-bit samples
+    with pytest.raises(InvalidInput, match=r"^JPEG with 12-bit samples is not supported"):
+        check(bytes(data))
+    with pytest.raises(InvalidInput, match=r"^corrupt JPEG header$"):
+        check(bytes(data[: sof + 4]))
