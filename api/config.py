@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from PIL import Image
 
 from api.ratelimit import SCHEMES as RATELIMIT_SCHEMES
+from auth.revocation import revocation_store_supported
+from auth.tokens import MAX_LEEWAY
 from processor import imaging
 from processor import options as opt
 from processor.config import default_workers
@@ -52,6 +54,13 @@ def signing_lifetime(text: str) -> int:
     from api.signing import lifetime
 
     return lifetime(text)
+
+
+def leeway(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= MAX_LEEWAY:
+        raise ValueError(f"must be between 0 and {MAX_LEEWAY:g} seconds, got {text}")
+    return value
 
 
 def limit_string(text: str) -> str:
@@ -136,6 +145,8 @@ class ApiSettings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.auth == "jwt" and not (self.jwks and self.tenants):
             raise ValueError("--jwks and --tenants are required with --auth jwt")
+        if not (self.issuer and self.audience):
+            raise ValueError("--issuer and --audience must not be empty")
         if self.deadline > self.max_deadline:
             raise ValueError("--deadline: must not exceed --max-deadline")
         width, height = self.target_size
@@ -150,6 +161,8 @@ class ApiSettings:
         if not sep or scheme not in RATELIMIT_SCHEMES:  # else a traceback at build_server
             schemes = ", ".join(f"{s}://" for s in RATELIMIT_SCHEMES)
             raise ValueError(f"--ratelimit-storage: expected one of {schemes}")
+        if not revocation_store_supported(self.revocations):
+            raise ValueError("--revocations: expected memory://, redis://, rediss:// or unix://")
 
     def public(self) -> dict[str, object]:
         """The effective configuration for the startup log (file paths, never contents)."""
@@ -253,7 +266,7 @@ def build_options() -> opt.Options:
     add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
     add("fetch-timeout", 20.0, "total seconds for fetching a URL source", opt.positive_float, "S")
     add("fetch-connect-timeout", 3.0, "seconds to connect to a URL source", opt.positive_float, "S")
-    add("fetch-max-redirects", 3, "redirects followed for a URL source", int, "N")
+    add("fetch-max-redirects", 3, "redirects followed for a URL source", opt.non_negative_int, "N")
     add(
         "allow-source-cidr",
         [],
@@ -266,10 +279,10 @@ def build_options() -> opt.Options:
         "deadline",
         30.0,
         "deadline for calls that set none (also bounds the wait for the request body)",
-        opt.positive_float,
+        opt.seconds,
         "SECONDS",
     )
-    add("max-deadline", 120.0, "cap on any call's deadline", opt.positive_float, "SECONDS")
+    add("max-deadline", 120.0, "cap on any call's deadline", opt.seconds, "SECONDS")
     add("auth", "jwt", "jwt, or none (legacy/development only)", opt.choice("jwt", "none"), "MODE")
     add("jwks", None, "JWKS file with the token verification keys", metavar="FILE")
     add("issuer", "imagescaler-admin", "required token issuer (iss)", metavar="ISS")
@@ -284,7 +297,7 @@ def build_options() -> opt.Options:
         "ALG",
         kind="list",
     )
-    add("token-leeway", 30.0, "clock skew allowed on exp/nbf/iat", float, "SECONDS")
+    add("token-leeway", 30.0, "clock skew allowed on exp/nbf/iat (0-300)", leeway, "SECONDS")
     add(
         "max-token-lifetime",
         86400.0,
@@ -295,7 +308,7 @@ def build_options() -> opt.Options:
     add(
         "revocations",
         "memory://",
-        "where token revocations live: memory:// or redis://...",
+        "where token revocations live: memory://, or redis://, rediss:// or unix:// (redis-py)",
         metavar="URI",
     )
     add(

@@ -22,7 +22,6 @@ from api.ratelimit import Limiter, RateLimitInterceptor, RateLimits, TenantLimit
 from api.results import ResultStore, StoreSettings, store_from_uri
 from api.service import SERVICE_NAME, ScalerService, add_to_server
 from auth.keys import KeyStore
-from auth.reloading import InvalidFile
 from auth.revocation import revocations_from_url
 from auth.tenants import TenantRegistry
 from auth.tokens import AuthSettings, TokenVerifier
@@ -201,11 +200,7 @@ def listener_credentials(settings: config.ApiSettings) -> grpc.ServerCredentials
 def main(argv: Sequence[str] | None = None) -> None:
     settings = config.load(argv)
     logs.configure(settings.log_level)
-    try:
-        running = build_server(settings)
-    except InvalidFile as exc:  # a key set or tenant registry that cannot serve
-        log.error("cannot start: %s", exc)
-        raise SystemExit(2) from None
+    running = serving.build_or_exit(build_server, settings)
     frozen = serving.freeze_startup_heap()
     log.info(
         "serving",

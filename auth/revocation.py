@@ -131,11 +131,18 @@ def _translated() -> Iterator[None]:
         raise Unavailable("revocation store unavailable") from exc
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def revocation_store_supported(url: str) -> bool:
+    return url == "memory://" or urlsplit(url).scheme.lower() in REDIS_SCHEMES
+
+
 def revocations_from_url(url: str, timeout: float = 0.5) -> Revocations:
     """``memory://`` or ``redis://``/``rediss://``/``unix://`` (redis-py URL syntax)."""
-    scheme = urlsplit(url).scheme.lower()
     if url == "memory://":
         return MemoryRevocations()
-    if scheme in ("redis", "rediss", "unix"):
+    if revocation_store_supported(url):
         return RedisRevocations(url, timeout=timeout)
-    raise ValueError(f"revocation store must be memory:// or redis://..., got {url!r}")
+    # never the URL itself: it may carry a password
+    raise ValueError("revocation store must be memory://, redis://, rediss:// or unix://")

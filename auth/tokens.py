@@ -64,6 +64,9 @@ class AuthError(Unauthenticated):
         self.jti = jti
 
 
+MAX_LEEWAY = 300.0  # clock skew beyond minutes is a broken clock, not skew
+
+
 @dataclass(frozen=True)
 class AuthSettings:
     """What a valid token must say, and how much clock slack and lifetime it may have."""
@@ -77,8 +80,8 @@ class AuthSettings:
     def __post_init__(self) -> None:
         if not self.issuer or not self.audience:
             raise ValueError("issuer and audience must not be empty")
-        if not 0 <= self.leeway <= 300:
-            raise ValueError(f"leeway must be 0-300 seconds, got {self.leeway}")
+        if not 0 <= self.leeway <= MAX_LEEWAY:
+            raise ValueError(f"leeway must be 0-{MAX_LEEWAY:g} seconds, got {self.leeway}")
         if self.max_lifetime <= 0:
             raise ValueError(f"max lifetime must be positive, got {self.max_lifetime}")
         object.__setattr__(self, "algorithms", _check_algorithms(frozenset(self.algorithms)))

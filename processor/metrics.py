@@ -106,7 +106,10 @@ def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Call
     """Serve ``/metrics`` on ``port`` (0 means off); returns a function that stops it."""
     if port == 0:
         return lambda: None
-    server, thread = start_http_server(port, host, registry=registry)
+    try:
+        server, thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:  # say which of the server's ports it is
+        raise OSError(exc.errno, f"metrics port {port}: {exc.strerror}") from exc
 
     def stop() -> None:
         server.shutdown()

@@ -108,7 +108,7 @@ def build_server(settings: config.ProcessorSettings) -> Running:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = config.load(argv)
     logs.configure(settings.log_level)
-    running = build_server(settings)
+    running = serving.build_or_exit(build_server, settings)
     frozen = serving.freeze_startup_heap()
     log.info(
         "serving",

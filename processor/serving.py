@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
+S = TypeVar("S")
+R = TypeVar("R")
 
 # Room for the protobuf envelope around a maximum-size image.
 ENVELOPE = 64 * 1024
@@ -281,6 +283,17 @@ def drain(
     if not stopped.wait(grace + 1.0):  # gRPC cancels what is left when grace runs out
         log.warning("drain: grace period over, calls cancelled")
         stopped.wait()
+
+
+def build_or_exit(build: Callable[[S], R], settings: S) -> R:
+    """What stops a server that the flags could not show (a file that does not parse, a key
+    that does not match its certificate, a port in use): one JSON line and exit status 2,
+    not a traceback. The process exits, so whatever was half started goes with it."""
+    try:
+        return build(settings)
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
 
 
 def freeze_startup_heap() -> int:

@@ -57,6 +57,14 @@ def test_list_options_from_env() -> None:
         (["--target-size", "16384x16384"], {}, "--target-size"),
         (["--target-size", "20000x10"], {}, "--target-size"),
         (["--max-input-bytes", "4GB"], {}, "--max-input-bytes"),
+        # each was a traceback from build_server, or accepted and then broke every call
+        (["--token-leeway", "400"], {}, "--token-leeway"),
+        (["--token-leeway", "nan"], {}, "--token-leeway"),
+        ([], {"IMAGESCALER_TOKEN_LEEWAY": "-1"}, "IMAGESCALER_TOKEN_LEEWAY"),
+        (["--revocations", "bogus"], {}, "--revocations"),
+        (["--issuer", ""], {}, "--issuer"),
+        (["--fetch-max-redirects", "-5"], {}, "--fetch-max-redirects"),
+        (["--deadline", "1e12", "--max-deadline", "1e12"], {}, "--deadline"),
     ],
 )
 def test_bad_values_exit_naming_the_option(
@@ -90,6 +98,14 @@ def test_a_bad_ratelimit_storage_stops_with_a_message(uri: str, capsys) -> None:
     assert "--ratelimit-storage: expected one of memory://, redis://" in capsys.readouterr().err
 
 
+def test_a_bad_revocation_store_is_refused_without_echoing_it(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config.load([*DEV, "--revocations", "redis+sentinel://:hunter2@h1:26379/m"], environ={})
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--revocations: expected memory://" in err
+    assert "hunter2" not in err
+
+
 @pytest.mark.parametrize(
     "uri",
     [
@@ -100,7 +116,8 @@ def test_a_bad_ratelimit_storage_stops_with_a_message(uri: str, capsys) -> None:
     ],
 )
 def test_public_view_redacts_redis_password(uri: str) -> None:
-    s = config.load([*DEV, "--ratelimit-storage", uri, "--revocations", uri], environ={})
+    revocations = ["--revocations", uri] if uri.startswith("redis://") else []  # no sentinel
+    s = config.load([*DEV, "--ratelimit-storage", uri, *revocations], environ={})
     public = str(s.public())
     assert "hunter2" not in public
     assert "6379" in public  # where it points stays readable

@@ -121,5 +121,5 @@ def test_revocations_from_url() -> None:
     assert isinstance(backend, RedisRevocations)  # lazy: no connection until used
     backend.close()
     for bad in ("memcached://x", "memory://x", "", "http://127.0.0.1:6379"):
-        with pytest.raises(ValueError, match="memory:// or redis://"):
+        with pytest.raises(ValueError, match="memory://, redis://"):
             revocations_from_url(bad)
