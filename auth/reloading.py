@@ -83,6 +83,8 @@ class ReloadingFile(Generic[T]):
             return _Loaded(self._parse(data), signature)
         except InvalidFile as exc:
             raise InvalidFile(f"{self._what} {self._path}: {exc}") from exc
+        except Exception as exc:  # e.g. RecursionError from deeply nested JSON or YAML
+            raise InvalidFile(f"{self._what} {self._path}: unreadable: {exc}") from exc
 
     def _refresh(self) -> None:
         self._next_check = self._clock() + self._interval

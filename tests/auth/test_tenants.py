@@ -141,3 +141,23 @@ def test_an_api_without_storage_refuses_tenants_that_require_it(
     with caplog.at_level(logging.ERROR, logger="auth.reloading"):
         assert registry.ids() == {"acme"}
     assert "acme: 'storage: require' needs an API with --result-store" in caplog.text
+
+
+def test_a_registry_that_breaks_the_parser_itself_is_an_invalid_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deep nesting makes the YAML parser raise RecursionError: at start an InvalidFile
+    (exit 2), on reload the last good registry, never an exception out of get()."""
+    path = tmp_path / "tenants.yaml"
+    nested = b"tenants: " + b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(nested)
+    with pytest.raises(InvalidFile, match="unreadable"):
+        TenantRegistry(path)
+    path.write_bytes(REGISTRY)
+    clock = FakeClock()
+    registry = TenantRegistry(path, interval=1.0, clock=clock)
+    write_atomically(path, nested)
+    clock.now = 1.0
+    with caplog.at_level(logging.ERROR, logger="auth.reloading"):
+        assert registry.get("acme") is not None
+    assert "unreadable" in caplog.text
