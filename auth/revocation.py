@@ -6,9 +6,10 @@ and tests) or ``redis://...`` (shared by all API replicas, survives their restar
 When Redis cannot answer, checks **fail closed**: :meth:`is_revoked` raises
 :class:`processor.errors.Unavailable` and the call gets ``UNAVAILABLE``. Revocation is used
 exactly when a token is known to be stolen; failing open would let its holder in whenever
-Redis is slow or unreachable (or can be made so). The cost, an outage of authenticated
-calls while Redis is down, is bounded by short socket timeouts and is shared with the rate
-limiter, which depends on the same Redis anyway.
+Redis is slow or unreachable (or can be made so). The cost is an outage of authenticated
+calls while Redis is down (the rate limiter, by default, fails open instead). After a
+failure, checks fail at once for :data:`RECHECK_AFTER` seconds rather than each waiting out
+the socket timeouts: a Redis that hangs would otherwise hold every worker thread for them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from processor.errors import Unavailable
 # (at most 300 s).
 RETAIN_AFTER_EXPIRY = 300
 DEFAULT_PREFIX = "imagescaler:revoked:"
+RECHECK_AFTER = 1.0  # seconds a failed store is left alone by is_revoked
 
 
 class Revocations(Protocol):
@@ -82,6 +84,7 @@ class RedisRevocations:
         timeout: float = 0.5,
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         # URL query options (e.g. ?socket_timeout=1) win over these defaults.
         self._client = redis.Redis.from_url(
@@ -92,6 +95,8 @@ class RedisRevocations:
         )
         self._prefix = prefix
         self._clock = clock
+        self._monotonic = monotonic
+        self._failed_until = -math.inf
 
     def revoke_jti(self, jti: str, expires_at: float) -> None:
         forget_at = math.ceil(expires_at) + RETAIN_AFTER_EXPIRY
@@ -105,11 +110,17 @@ class RedisRevocations:
             self._client.zadd(self._tenants_key(), {tenant: when}, gt=True)
 
     def is_revoked(self, claims: Claims) -> bool:
-        with _translated():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.exists(self._jti_key(claims.jti))
-            pipe.zscore(self._tenants_key(), claims.tenant)
-            jti_revoked, cutoff = pipe.execute()
+        if self._monotonic() < self._failed_until:
+            raise Unavailable("revocation store unavailable")
+        try:
+            with _translated():
+                pipe = self._client.pipeline(transaction=False)
+                pipe.exists(self._jti_key(claims.jti))
+                pipe.zscore(self._tenants_key(), claims.tenant)
+                jti_revoked, cutoff = pipe.execute()
+        except Unavailable:
+            self._failed_until = self._monotonic() + RECHECK_AFTER
+            raise
         return bool(jti_revoked) or (cutoff is not None and claims.issued_at < float(cutoff))
 
     def close(self) -> None:

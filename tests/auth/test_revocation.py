@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -9,6 +10,7 @@ import pytest
 import redis
 
 from auth.revocation import (
+    RECHECK_AFTER,
     RETAIN_AFTER_EXPIRY,
     MemoryRevocations,
     RedisRevocations,
@@ -113,6 +115,38 @@ def test_redis_down_fails_closed_and_fast(dead_redis_url: str) -> None:
         store.revoke_jti("j", time.time() + 60)
     assert time.monotonic() - started < 2
     store.close()
+
+
+def test_after_a_failure_checks_fail_at_once_for_a_while() -> None:
+    """A Redis that hangs held each call for the socket timeouts; now one call waits."""
+    with socket.socket() as hung:  # accepts connections (the backlog), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        now = [0.0]
+        store = RedisRevocations(
+            f"redis://127.0.0.1:{hung.getsockname()[1]}/0", timeout=0.2, monotonic=lambda: now[0]
+        )
+        with pytest.raises(Unavailable):
+            store.is_revoked(claims())  # waits out the timeouts, connects at least once
+        hung.settimeout(0)
+        while _accepted(hung):
+            pass
+        with pytest.raises(Unavailable):
+            store.is_revoked(claims())
+        assert not _accepted(hung)  # failed without trying
+        now[0] = RECHECK_AFTER
+        with pytest.raises(Unavailable):
+            store.is_revoked(claims())
+        assert _accepted(hung)  # tried again
+        store.close()
+
+
+def _accepted(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
 
 
 def test_revocations_from_url() -> None:
