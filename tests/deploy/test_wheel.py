@@ -1,6 +1,7 @@
 """The container's install, done for real without Docker: copy what the Dockerfile copies, build
 the wheel, install it with the pinned constraints into a fresh venv (the Dockerfile's own pip
-arguments), then run every console script's ``--help`` from that venv.
+arguments), then run every console script's ``--help`` from that venv. The wheel must also carry
+the package data the scripts read at run time (imagescaler-bench's photos).
 
 Slow (about a minute; pip's cache makes reruns faster) and it needs the package index, as the
 image build does. Set ``IMAGESCALER_WHEELHOUSE=DIR`` to install from local wheels instead.
@@ -16,11 +17,13 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.test_dockerfile import DOCKERFILE, pip_install_args, stages
+from tools import bench
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,17 +59,24 @@ def copy_build_context(dest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A venv holding the wheel and its pinned dependencies, as /opt/imagescaler in the image."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our wheel, built from what the Dockerfile copies, as in its builder stage."""
     work = tmp_path_factory.mktemp("image")
-    src, dist, env_dir = work / "src", work / "dist", work / "venv"
+    src, dist = work / "src", work / "dist"
     src.mkdir()
     copy_build_context(src)
     # The image builds with an isolated build env; here the dev venv's setuptools does it
     # (no index needed for this step).
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
         "--wheel-dir", dist, ".", cwd=src)  # fmt: skip
-    (wheel,) = dist.glob("imagescaler-*.whl")
+    (built,) = dist.glob("imagescaler-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path) -> Path:
+    """A venv holding the wheel and its pinned dependencies, as /opt/imagescaler in the image."""
+    src, env_dir = wheel.parents[1] / "src", wheel.parents[1] / "venv"
     venv.create(env_dir, with_pip=True)
     args = [
         a for a in pip_install_args(stages(DOCKERFILE.read_text())[0]) if not a.endswith(".whl")
@@ -116,6 +126,15 @@ def test_wheel_holds_only_our_packages(installed: Path) -> None:
     packages = {t for t in tops if not t.endswith(".dist-info") and not t.startswith("..")}
     assert packages == {"api", "processor", "auth", "tools"}
     assert list(site.glob("api/pb/*.pyi")), "type stubs ship with the generated code"
+
+
+def test_wheel_ships_the_benchmark_photos(wheel: Path) -> None:
+    """imagescaler-bench reads its photos from beside itself (``--data`` defaults there)."""
+    folder = bench.DATA_DIR.relative_to(ROOT).as_posix()
+    needed = {f"{folder}/{w.file}" for w in bench.WORKLOADS.values()}
+    with zipfile.ZipFile(wheel) as archive:
+        missing = needed - set(archive.namelist())
+    assert not missing, f"not in the wheel (package data in pyproject.toml): {sorted(missing)}"
 
 
 def canonical(name: str) -> str:
