@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,9 @@ SERVICE_CONFIG = {
     ]
 }
 RATE_LIMIT_KEYS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after")
+# What a gRPC metadata value may carry, minus the space: anything else in a token is a mistake
+# (two lines in a token file) that gRPC would only report as "INTERNAL: Invalid metadata".
+TOKEN_PATTERN = re.compile(r"[\x21-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class ScalerClient:
     def __init__(
         self, server: str, token: str | None = None, ca: bytes | None = None, tls: bool = False
     ) -> None:
+        if token and not TOKEN_PATTERN.fullmatch(token):  # never show the token itself
+            raise ValueError(
+                "the token has whitespace, control or non-ASCII characters inside "
+                "(a token file with more than one line?)"
+            )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -162,12 +171,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--retry",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="retry up to N times when rate limited, waiting retry-after seconds",
     )
     return p
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def scale_with_retry(
@@ -232,15 +251,22 @@ def deliver(result: Result, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if not args.file and not args.url:
-        parser().error("give an image FILE or --url")
+        p.error("give an image FILE or --url")
     if args.fetch and not args.store:
-        parser().error("--fetch needs --store")
-    token = token_from(args, os.environ)
-    ca = Path(args.ca).read_bytes() if args.ca else None
-    content = Path(args.file).read_bytes() if args.file else None
-    with ScalerClient(args.server, token, ca, args.tls) as client:
+        p.error("--fetch needs --store")
+    try:
+        token = token_from(args, os.environ)
+        ca = Path(args.ca).read_bytes() if args.ca else None
+        content = Path(args.file).read_bytes() if args.file else None
+        client = ScalerClient(args.server, token, ca, args.tls)
+    except OSError as exc:
+        p.error(f"cannot read {exc.filename}: {exc.strerror}")
+    except ValueError as exc:  # a token file that is not text, or a malformed token
+        p.error(str(exc))
+    with client:
         try:
             result = scale_with_retry(client, args, content)
         except grpc.RpcError as exc:

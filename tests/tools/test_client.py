@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from concurrent import futures
 from pathlib import Path
 
@@ -149,3 +151,61 @@ def test_token_flags_win_over_the_environment(tmp_path: Path) -> None:
         client.token_from(client.parser().parse_args(["x"]), {"IMAGESCALER_TOKEN_FILE": str(stale)})
         == "from-env-file"
     )
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        client.main(list(argv))
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["{missing}"], "cannot read {missing}: No such file or directory"),
+        (["{photo}", "--token-file", "{missing}"], "cannot read {missing}: No such"),
+        (["{photo}", "--ca", "{missing}"], "cannot read {missing}: No such file"),
+        (["{photo}", "--retry", "-1"], "--retry: expected a non-negative integer, got '-1'"),
+        (["{photo}", "--retry", "many"], "--retry: expected a non-negative integer"),
+    ],
+)
+def test_bad_inputs_are_usage_errors_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """Were FileNotFoundError tracebacks, and --retry -1 an 'AssertionError: unreachable'."""
+    names = {"photo": tmp_path / "p.jpg", "missing": tmp_path / "nope"}
+    names["photo"].write_bytes(b"x")
+    argv = [f.format(**names) for f in flags]
+    err = usage_error(capsys, *argv, "--server", "127.0.0.1:1", "--timeout", "1")
+    assert message.format(**names) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "text", ["eyJh.SECRET.sig\nsecond-line\n", "eyJh.SECRET .sig", "a\tSECRET"]
+)
+def test_a_token_with_whitespace_inside_is_refused_before_any_call(
+    api, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """Was 'INTERNAL: Invalid metadata' from gRPC, which says nothing about the token file."""
+    photo, token = tmp_path / "p.jpg", tmp_path / "token"
+    photo.write_bytes(b"x")
+    token.write_text(text)
+    err = usage_error(
+        capsys, str(photo), "--token-file", str(token), "--server", f"127.0.0.1:{api.port}"
+    )
+    assert "the token has whitespace, control or non-ASCII characters inside" in err
+    assert "SECRET" not in err
+
+
+def test_a_missing_file_from_a_real_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.client", str(tmp_path / "nope.jpg"), "--token", "t"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("imagescaler-client: error: cannot read")
