@@ -34,6 +34,7 @@ from auth.tokens import (
     mint,
     parse_duration,
 )
+from auth.tokens import _subject as check_subject
 from processor.errors import Unavailable
 from processor.options import env_name
 from tools import certs
@@ -238,6 +239,10 @@ def _mint(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.scope) - SCOPES)
     if unknown:
         raise Refused(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(SCOPES))}")
+    try:  # the verifier's own rule, so mint never prints a token the API refuses
+        check_subject(args.subject or args.tenant)
+    except AuthError as exc:
+        raise Refused(f"--subject must be 1-256 printable characters ({exc.reason})") from exc
     private = _private_key(args.key)
     kid = args.kid or Path(args.key).name.removesuffix(".pem")
     if not keys.KID_PATTERN.fullmatch(kid):

@@ -182,6 +182,9 @@ def test_keygen_other_algorithms(
         (["--tenant", "Acme"], "--tenant must match"),
         (["--kid", "../x"], "cannot use '../x' as kid"),
         ([], "give at least one --scope"),  # was a token every method refuses
+        # were printed, then refused by the API as "bad claim: sub"
+        (["--subject", "svc\nadmin"], "--subject must be 1-256 printable characters"),
+        (["--subject", "s" * 257], "--subject must be 1-256 printable characters"),
     ],
 )
 def test_mint_refusals(
@@ -191,6 +194,15 @@ def test_mint_refusals(
     scoped = argv if not argv or "--scope" in argv else [*argv, *SCOPE]
     status, out, err = run(capsys, *base, *scoped)
     assert (status, out) == (1, "") and message in err
+
+
+def test_mint_subject_at_the_verifiers_limit_is_accepted(
+    keydir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["mint", "--key", str(keydir / "k1.pem"), "--tenant", "acme", *SCOPE]
+    token = run(capsys, *argv, "--subject", "s" * 256)[1].strip()
+    status, out, _ = run(capsys, "inspect", token, "--jwks", str(keydir / "jwks.json"))
+    assert status == 0 and json.loads(out)["claims"]["sub"] == "s" * 256
 
 
 def test_mint_from_environment_and_json(keydir: Path, capsys: pytest.CaptureFixture[str]) -> None:
