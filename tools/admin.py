@@ -56,7 +56,7 @@ class _EnvOptions:
     def add(self, parser: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
         name = env_name(flag)
         raw = self._environ.get(name)
-        if kw.get("action") == "append":
+        if kw.get("action") in ("append", "extend"):
             self.list_fallbacks[flag.lstrip("-").replace("-", "_")] = _split(raw or "")
         elif raw is not None:
             kw["default"] = raw
@@ -212,8 +212,9 @@ def _add_mint(sub: Any, env: _EnvOptions) -> None:
     env.add(
         p,
         "--scope",
-        f"scope to grant, one of {', '.join(sorted(SCOPES))}",
-        action="append",
+        f"scopes to grant, one or more of {', '.join(sorted(SCOPES))}",
+        action="extend",
+        nargs="+",
         metavar="SCOPE",
     )
     env.add(p, "--ttl", "lifetime such as 15m, 1h or 2d", type=_duration, default="1h")

@@ -205,6 +205,23 @@ def test_mint_subject_at_the_verifiers_limit_is_accepted(
     assert status == 0 and json.loads(out)["claims"]["sub"] == "s" * 256
 
 
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        ["--scope", "scale:content", "scale:url"],  # the form documented in interfaces.md
+        ["--scope", "scale:content", "--scope", "scale:url"],
+        ["--scope", "scale:url", "--scope", "scale:content", "scale:url"],
+    ],
+)
+def test_mint_takes_several_scopes_after_one_flag_or_repeated(
+    keydir: Path, capsys: pytest.CaptureFixture[str], scopes: list[str]
+) -> None:
+    argv = ["mint", "--json", "--key", str(keydir / "k1.pem"), *scopes, "--tenant", "acme"]
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and json.loads(out)["claims"]["scope"] == "scale:content scale:url"
+    assert "expected at least one argument" in usage_error(capsys, *argv[:4], "--scope")
+
+
 def test_mint_from_environment_and_json(keydir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     environ = {
         "IMAGESCALER_KEY": str(keydir / "k1.pem"),
