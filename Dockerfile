@@ -58,7 +58,7 @@ ENV PATH=/opt/imagescaler/bin:$PATH \
     MALLOC_TRIM_THRESHOLD_=268435456
 
 USER 10001:10001
-# 50051 API gRPC, 5001 API metrics; 50052 processor mTLS, 50053 processor probes,
-# 5002 processor metrics.
-EXPOSE 50051 5001 50052 50053 5002
+# 50051 API gRPC (TLS), 50054 API probes, 5001 API metrics; 50052 processor mTLS,
+# 50053 processor probes, 5002 processor metrics (the containerPorts in manifests/base).
+EXPOSE 50051 50054 5001 50052 50053 5002
 ENTRYPOINT ["imagescaler-api"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.test_manifests import BASE, GKE, containers, is_ours, pod_specs, render
 from tools import serverenv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,21 @@ def test_runtime_environment(parsed: list[Stage]) -> None:
         assert setting in env
     exposed = " ".join(parsed[-1].all("EXPOSE")).split()
     assert {"50051", "5001", "50052", "5002"} <= set(exposed)
+
+
+@pytest.mark.parametrize("manifests", [BASE, GKE], ids=["base", "gke"])
+def test_exposes_every_port_the_manifests_declare(parsed: list[Stage], manifests: Path) -> None:
+    """EXPOSE documents the image's ports: every containerPort of a container running it."""
+    exposed = {int(p.partition("/")[0]) for p in " ".join(parsed[-1].all("EXPOSE")).split()}
+    declared = {
+        port["containerPort"]
+        for _, spec in pod_specs(render(manifests))
+        for c in containers(spec)
+        if is_ours(c)
+        for port in c.get("ports", [])
+    }
+    assert declared, f"no container of our image declares a port in {manifests}"
+    assert declared <= exposed, f"EXPOSE misses {sorted(declared - exposed)}"
 
 
 def test_demo_and_benchmark_run_the_servers_as_the_image_does(parsed: list[Stage]) -> None:
