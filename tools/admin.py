@@ -35,6 +35,7 @@ from auth.tokens import (
     parse_duration,
 )
 from auth.tokens import _subject as check_subject
+from auth.tokens import _time as check_time
 from processor.errors import Unavailable
 from processor.options import env_name
 from tools import certs
@@ -337,7 +338,9 @@ def _add_revoke(sub: Any, env: _EnvOptions) -> None:
     p = sub.add_parser(
         "revoke",
         help="revoke one token (by jti) or a tenant's older tokens",
-        description="Record a revocation in the Redis shared by the API replicas.",
+        description="Record a revocation in the Redis shared by the API replicas. A jti "
+        "revocation is kept until the token expires: give the token itself (--token), or "
+        "--jti with --expires at or after the token's exp.",
     )
     env.add(
         p,
@@ -347,18 +350,20 @@ def _add_revoke(sub: Any, env: _EnvOptions) -> None:
         required=True,
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--jti", help="revoke the token with this jti")
+    which.add_argument("--jti", help="revoke the token with this jti (needs --expires)")
+    which.add_argument(
+        "--token", help="revoke this token (its jti, until its exp); - reads it from stdin"
+    )
     which.add_argument(
         "--tenant", metavar="ID", help="revoke the tenant's tokens issued before --before"
     )
     env.add(
         p,
         "--expires",
-        "with --jti: when the token expires (default: now + --max-ttl)",
+        "with --jti: the token's exp or later (now, Unix seconds or ISO 8601)",
         type=_time_arg,
         metavar="TIME",
     )
-    env.add(p, "--max-ttl", "the API's maximum token lifetime", type=_duration, default="24h")
     env.add(
         p,
         "--before",
@@ -378,10 +383,10 @@ def _revoke(args: argparse.Namespace) -> None:
         )
     store = RedisRevocations(args.revocations)
     try:
-        if args.jti:
-            expires = args.expires if args.expires is not None else time.time() + args.max_ttl
-            store.revoke_jti(args.jti, expires)
-            print(json.dumps({"revoked_jti": args.jti, "until": expires}))
+        if args.tenant is None:
+            jti, expires = _jti_and_expiry(args)
+            store.revoke_jti(jti, expires)
+            print(json.dumps({"revoked_jti": jti, "until": expires}))
         else:
             if not TENANT_ID_PATTERN.fullmatch(args.tenant):
                 raise Refused(f"--tenant must match {TENANT_ID_PATTERN.pattern}")
@@ -391,6 +396,29 @@ def _revoke(args: argparse.Namespace) -> None:
         raise Refused(f"{exc} ({exc.__cause__})") from exc
     finally:
         store.close()
+
+
+def _jti_and_expiry(args: argparse.Namespace) -> tuple[str, float]:
+    """Never a guessed expiry: a revocation forgotten before the token expires lets a stolen
+    token back in, and only the token (or the operator) knows when that is."""
+    if args.token is None:
+        if args.expires is None:
+            raise Refused(
+                "--jti needs --expires: the revocation is kept only until then, so give the "
+                "token's exp (or, if unknown, now + the API's --max-token-lifetime), or pass "
+                "the token itself with --token"
+            )
+        return str(args.jti), float(args.expires)
+    if args.expires is not None:
+        raise Refused("--expires goes with --jti; --token uses the token's own exp")
+    token = sys.stdin.read().strip() if args.token == "-" else args.token.strip()
+    claims = _unverified(_unverified_claims, token)  # a stolen token's signature is valid
+    try:
+        if isinstance(claims["jti"], str):
+            return claims["jti"], check_time(claims, "exp")
+    except (TypeError, KeyError, AuthError):
+        pass
+    raise Refused("--token: cannot read a jti and an exp from it")
 
 
 # tenants check

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import pytest
+import redis
 
 from api.interceptors import AuthInterceptor, current
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
-from auth.keys import KeyStore
+from auth.keys import KeyStore, load_private_key
 from auth.revocation import RedisRevocations
 from auth.tenants import TenantRegistry
-from auth.tokens import AuthSettings, Claims, TokenVerifier
+from auth.tokens import AuthError, AuthSettings, Claims, TokenVerifier, mint
 from tests.stack import free_port
 from tools import admin
 
@@ -286,7 +288,7 @@ def test_revoke_needs_a_shared_store(capsys: pytest.CaptureFixture[str]) -> None
         capsys, "revoke", "--revocations", f"redis://127.0.0.1:{free_port()}/0", "--tenant", "acme"
     )
     assert status == 1 and "revocation store unavailable" in err
-    assert "one of the arguments --jti --tenant is required" in usage_error(
+    assert "one of the arguments --jti --token --tenant is required" in usage_error(
         capsys, "revoke", "--revocations", "redis://127.0.0.1:1/0"
     )
 
@@ -321,6 +323,43 @@ def test_revoke_tenant_before_a_time(
     )
     assert status == 0 and store.is_revoked(Claims("b", "s", frozenset(), "j2", 0, 1, "k"))
     store.close()
+
+
+def test_revoke_keeps_a_stolen_token_out_until_it_expires(
+    keydir: Path,
+    capsys: pytest.CaptureFixture[str],
+    start_redis: Callable[[], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An API may accept tokens living longer than 24 h (--max-token-lifetime), but a bare
+    `revoke --jti` kept the revocation for the tool's own 24 h: the token then worked again."""
+    url = start_redis().url
+    key = load_private_key(keydir / "k1.pem")
+    token = mint(key, "k1", tenant="acme", scopes=["scale:content"], ttl=3 * 86400, jti="stolen")
+    exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    status, _, err = run(capsys, "revoke", "--revocations", url, "--jti", "stolen")
+    assert status == 1 and "--jti needs --expires" in err
+    assert redis.Redis.from_url(url).keys() == []
+    monkeypatch.setattr(sys, "stdin", io.StringIO(token + "\n"))
+    status, out, _ = run(capsys, "revoke", "--revocations", url, "--token", "-")
+    assert status == 0 and json.loads(out) == {"revoked_jti": "stolen", "until": exp}
+    [stored] = redis.Redis.from_url(url).keys()
+    assert redis.Redis.from_url(url).ttl(stored) >= exp - time.time()
+    settings = AuthSettings(max_lifetime=7 * 86400)
+    verifier = TokenVerifier(settings, KeyStore(keydir / "jwks.json"), RedisRevocations(url))
+    with pytest.raises(AuthError, match="token revoked"):
+        verifier.verify(token)
+
+
+def test_revoke_token_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ("revoke", "--revocations", f"redis://127.0.0.1:{free_port()}/0")
+    status, _, err = run(capsys, *base, "--token", "not-a-token")
+    assert status == 1 and "--token: cannot read a jti and an exp from it" in err
+    status, _, err = run(capsys, *base, "--token", "x.y.z", "--expires", "now")
+    assert status == 1 and "--expires goes with --jti" in err
+    assert "not allowed with argument --jti" in usage_error(
+        capsys, *base, "--jti", "j", "--token", "t"
+    )
 
 
 def test_parse_time() -> None:
