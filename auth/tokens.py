@@ -195,11 +195,11 @@ class TokenVerifier:
             self._check_times(payload)
             claims = Claims(
                 tenant=_tenant(payload["tenant"]),
-                subject=_subject(payload["sub"]),
+                subject=subject_claim(payload["sub"]),
                 scopes=_scopes(payload.get("scope")),
                 jti=jti,
-                issued_at=_time(payload, "iat"),
-                expires_at=_time(payload, "exp"),
+                issued_at=numeric_date(payload, "iat"),
+                expires_at=numeric_date(payload, "exp"),
                 kid=kid,
             )
         except AuthError as exc:
@@ -207,8 +207,8 @@ class TokenVerifier:
         return claims
 
     def _check_times(self, payload: dict[str, Any]) -> None:
-        issued, expires = _time(payload, "iat"), _time(payload, "exp")
-        not_before = _time(payload, "nbf") if "nbf" in payload else None
+        issued, expires = numeric_date(payload, "iat"), numeric_date(payload, "exp")
+        not_before = numeric_date(payload, "nbf") if "nbf" in payload else None
         now, leeway = self._clock(), self._settings.leeway
         if expires <= issued:
             raise AuthError("bad claim: exp")
@@ -248,7 +248,7 @@ def _kid(header: dict[str, Any]) -> str:
     return kid
 
 
-def _time(payload: dict[str, Any], name: str) -> float:
+def numeric_date(payload: dict[str, Any], name: str) -> float:
     """A NumericDate: a finite number (JSON also allows 1e999, NaN and 400-digit integers)."""
     value = payload[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -268,7 +268,7 @@ def _tenant(value: Any) -> str:
     return value
 
 
-def _subject(value: Any) -> str:
+def subject_claim(value: Any) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= 256 or not value.isprintable():
         raise AuthError("bad claim: sub")
     return value

@@ -32,10 +32,10 @@ from auth.tokens import (
     AuthSettings,
     TokenVerifier,
     mint,
+    numeric_date,
     parse_duration,
+    subject_claim,
 )
-from auth.tokens import _subject as check_subject
-from auth.tokens import _time as check_time
 from processor.errors import Unavailable
 from processor.options import env_name
 from tools import certs
@@ -242,7 +242,7 @@ def _mint(args: argparse.Namespace) -> None:
     if unknown:
         raise Refused(f"unknown scope(s) {', '.join(unknown)}; known: {', '.join(sorted(SCOPES))}")
     try:  # the verifier's own rule, so mint never prints a token the API refuses
-        check_subject(args.subject or args.tenant)
+        subject_claim(args.subject or args.tenant)
     except AuthError as exc:
         raise Refused(f"--subject must be 1-256 printable characters ({exc.reason})") from exc
     private = _private_key(args.key)
@@ -415,7 +415,7 @@ def _jti_and_expiry(args: argparse.Namespace) -> tuple[str, float]:
     claims = _unverified(_unverified_claims, token)  # a stolen token's signature is valid
     try:
         if isinstance(claims["jti"], str):
-            return claims["jti"], check_time(claims, "exp")
+            return claims["jti"], numeric_date(claims, "exp")
     except (TypeError, KeyError, AuthError):
         pass
     raise Refused("--token: cannot read a jti and an exp from it")
