@@ -367,7 +367,8 @@ def _add_revoke(sub: Any, env: _EnvOptions) -> None:
     env.add(
         p,
         "--before",
-        "with --tenant: now, Unix seconds or ISO 8601 (default now)",
+        "with --tenant: now, Unix seconds or ISO 8601 (default now). Tokens carry whole "
+        "seconds, so those minted in the same second are refused too: mint new ones after it",
         type=_time_arg,
         default="now",
         metavar="TIME",
