@@ -507,7 +507,10 @@ class Fetcher:
             reply = self._exchange(source, addresses, clock)
             if isinstance(reply, Fetched):
                 return reply
-            url = urljoin(url, reply.location)
+            try:
+                url = urljoin(url, reply.location)
+            except ValueError:  # e.g. an unclosed IPv6 bracket
+                raise InvalidInput("redirect refused: malformed URL") from None
         raise FailedPrecondition(
             f"URL source redirected more than {self._policy.max_redirects} times"
         )

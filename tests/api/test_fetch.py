@@ -826,6 +826,12 @@ def test_a_response_that_never_reaches_its_body_is_capped_by_bytes(
     assert "too large" in refused(fetch, origin.url(), TooLarge)
 
 
+@pytest.mark.parametrize("location", ["http://[::1/x.jpg", "//[zz/x"])
+def test_a_malformed_redirect_is_refused_as_such(origin: Origin, location: str) -> None:
+    origin.routes["/img"] = redirect(location)
+    assert refused(fetcher(), origin.url()) == "redirect refused: malformed URL"
+
+
 def test_conflicting_content_lengths_are_malformed(origin: Origin) -> None:
     origin.routes["/img"] = reply(headers={"Content-Length": "10"})
     assert "conflicting Content-Length" in refused(fetcher(), origin.url(), FailedPrecondition)
