@@ -21,6 +21,7 @@ from auth.tenants import SCOPE_CONTENT, SCOPE_STORE, SCOPE_URL, Tenant
 from processor import headers, serving, wire
 from processor.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     PermissionDenied,
     ServiceError,
@@ -130,6 +131,8 @@ class ScalerService:
         s = self.settings
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
         delivery = delivery_for(request.message.delivery, current().tenant)
+        if delivery.store and not s.result_store:  # before any fetch, charge or work
+            raise FailedPrecondition("result storage is not configured on this service")
         data = self._source(request.message.image, request.content, deadline)
         header = headers.probe(data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
@@ -146,13 +149,17 @@ class ScalerService:
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))
         if delivery.store:
-            self._store(out, reply.image, deadline)
+            self._store(out, reply.image, deadline, delivery.url_asked)
         if delivery.inline or out.storage_fallback:
             out.content = reply.image
         return out
 
-    def _store(self, out: pb.ScaleImageReply, image: bytes, deadline: Deadline) -> None:
-        """Upload and sign; on storage trouble fall back to inline delivery if configured."""
+    def _store(
+        self, out: pb.ScaleImageReply, image: bytes, deadline: Deadline, url_asked: bool
+    ) -> None:
+        """Upload and sign; on storage trouble fall back to inline delivery if configured, or
+        if the caller never asked for a URL (an old client of a tenant that requires storage
+        gets what it always got)."""
         started = time.perf_counter()
         try:
             stored = self.store.put(
@@ -163,7 +170,7 @@ class ScalerService:
                 deadline.expires,
             )
         except Unavailable:
-            if not self.settings.result_fallback_inline:
+            if url_asked and not self.settings.result_fallback_inline:
                 raise
             accesslog.note(storage="fallback-inline")
             out.storage_fallback = True
@@ -215,6 +222,7 @@ class ScalerService:
 class Delivery:
     store: bool
     inline: bool
+    url_asked: bool  # False: stored only because the tenant requires it
 
 
 def delivery_for(asked: int, tenant: Tenant) -> Delivery:
@@ -226,11 +234,11 @@ def delivery_for(asked: int, tenant: Tenant) -> Delivery:
     if asked not in (pb.DELIVERY_INLINE, pb.DELIVERY_URL, pb.DELIVERY_URL_AND_INLINE):
         raise InvalidInput(f"unknown delivery {asked}")
     if asked == pb.DELIVERY_INLINE:
-        return Delivery(store=tenant.storage == "require", inline=True)
+        return Delivery(store=tenant.storage == "require", inline=True, url_asked=False)
     if tenant.storage == "forbid":
         raise PermissionDenied(f"result storage is not enabled for tenant {tenant.id}")
     require_scope(SCOPE_STORE)
-    return Delivery(store=True, inline=asked == pb.DELIVERY_URL_AND_INLINE)
+    return Delivery(store=True, inline=asked == pb.DELIVERY_URL_AND_INLINE, url_asked=True)
 
 
 def info_from(reply: ppb.ProcessReply) -> pb.ProcessingInfo:

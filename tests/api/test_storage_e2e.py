@@ -38,10 +38,12 @@ tenants:
 """
 
 
-def start(tmp: Path, start_api, processor, uri: str, sa: ServiceAccount, **overrides):
+def start(
+    tmp: Path, start_api, processor, uri: str | None, sa: ServiceAccount, tenants=TENANTS, **kw
+):
     key = keys.generate_private_key()
     (tmp / "jwks.json").write_text(json.dumps({"keys": [keys.public_jwk(key, "k1")]}))
-    (tmp / "tenants.yaml").write_text(TENANTS)
+    (tmp / "tenants.yaml").write_text(tenants)
     running = start_api(
         dev_api_settings(
             f"127.0.0.1:{processor.port}",
@@ -50,7 +52,7 @@ def start(tmp: Path, start_api, processor, uri: str, sa: ServiceAccount, **overr
             tenants=str(tmp / "tenants.yaml"),
             result_store=uri,
             result_signing_key=str(sa.file),
-            **overrides,
+            **kw,
         )
     )
 
@@ -119,6 +121,9 @@ def test_storage_down(
         result_fallback_inline=fallback,
     )
     args = ("keeper", ["scale:content", "results:store"], pb.DELIVERY_URL, sample_jpeg)
+    # an old client of a tenant that requires storage gets its image either way
+    legacy = call("archivist", ["scale:content"], pb.DELIVERY_INLINE, sample_jpeg)
+    assert legacy.content and legacy.storage_fallback and not legacy.stored.url
     if fallback:
         reply = call(*args)
         assert reply.storage_fallback and reply.content and not reply.stored.url
@@ -127,6 +132,17 @@ def test_storage_down(
         call(*args)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "storage" in exc.value.details()
+
+
+def test_url_delivery_without_a_store_is_refused_before_any_work(
+    tmp_path, start_api, processor, service_account
+) -> None:
+    tenants = "tenants: [{id: keeper, scopes: [scale:content, results:store], storage: allow}]"
+    call = start(tmp_path, start_api, processor, None, service_account, tenants)
+    with pytest.raises(grpc.RpcError) as exc:  # not an image: refused before it is looked at
+        call("keeper", ["scale:content", "results:store"], pb.DELIVERY_URL, b"not an image")
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert exc.value.details() == "result storage is not configured on this service"
 
 
 def test_storage_off_by_default(api, sample_jpeg) -> None:
