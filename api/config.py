@@ -63,6 +63,13 @@ def leeway(text: str) -> float:
     return value
 
 
+def source_port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"must be 1-65535, got {value}")
+    return value
+
+
 def limit_string(text: str) -> str:
     """Limits notation such as ``20/second;600/minute``, checked now rather than at first use."""
     from limits import parse_many
@@ -93,6 +100,7 @@ class ApiSettings:
     fetch_connect_timeout: float = 3.0
     fetch_max_redirects: int = 3
     allow_source_cidr: tuple[Network, ...] = ()
+    allow_source_port: tuple[int, ...] = (80, 443)
     deadline: float = 30.0
     max_deadline: float = 120.0
     auth: str = "jwt"
@@ -273,6 +281,14 @@ def build_options() -> opt.Options:
         "address range URL sources may use despite the private/loopback block",
         cidr,
         "CIDR",
+        kind="list",
+    )
+    add(
+        "allow-source-port",
+        [80, 443],
+        "ports URL sources may use on public addresses (any port inside --allow-source-cidr)",
+        source_port,
+        "PORT",
         kind="list",
     )
     add(

@@ -79,6 +79,7 @@ def fetch_policy(settings: config.ApiSettings) -> FetchPolicy:
         total_timeout=settings.fetch_timeout,
         max_redirects=settings.fetch_max_redirects,
         allow_cidrs=settings.allow_source_cidr,
+        allowed_ports=frozenset(settings.allow_source_port),
     )
 
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from api import config
 from api.fetch import (
     Fetcher,
     FetchPolicy,
@@ -26,6 +27,7 @@ from api.fetch import (
     parse_source_url,
     system_resolver,
 )
+from api.server import fetch_policy
 from processor.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -90,6 +92,17 @@ def test_guard_refuses_connects_outside_loopback(connect_log: ConnectLog) -> Non
     with pytest.raises(RuntimeError, match="test tried to connect"), socket.socket() as sock:
         sock.connect(("192.0.2.1", 80))
     assert connect_log.attempts == [("192.0.2.1", 80)]
+
+
+def test_operators_choose_the_ports_of_public_sources(connect_log: ConnectLog) -> None:
+    argv = ["--processor-insecure", "--auth", "none", "--allow-source-port", "8080"]
+    policy = fetch_policy(config.load(argv, environ={}))
+    fetch = Fetcher(policy, StubResolver({"img.test": ["93.184.216.34"]}))
+    assert refused(fetch, "http://img.test/x.jpg") == "URL port not allowed"
+    assert connect_log.attempts == []
+    with pytest.raises(RuntimeError, match="test tried to connect"):  # the guard, not a send
+        fetch.fetch("http://img.test:8080/x.jpg", timeout=3.0)
+    assert connect_log.attempts == [("93.184.216.34", 8080)]
 
 
 def test_system_resolver_returns_unique_addresses() -> None:
