@@ -6,13 +6,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import grpc
 
 from processor import imaging, memory, serving, wire
-from processor.errors import InvalidInput, Overloaded, ServiceError
+from processor.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
 
@@ -40,6 +40,7 @@ FORMATS = {
 FORMAT_ENUMS = {"jpeg": pb.FORMAT_JPEG, "png": pb.FORMAT_PNG, "webp": pb.FORMAT_WEBP}
 MAX_SIDE = 16384
 DEFAULT_QUALITY = 85
+QUEUE_CHECK = 0.05  # seconds between a queued call's looks at whether its caller is still there
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Processor"].full_name
@@ -141,12 +142,22 @@ class Admission:
         self.memory = memory.Budget(memory_budget)
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self, alive: Callable[[], bool] = lambda: True) -> Iterator[None]:
+        """A slot, then a worker. A queued call whose caller has gone (cancelled, deadline
+        passed, drained) leaves the queue: it would take a worker, and refuse live calls
+        meanwhile, for a result nobody waits for."""
         if not self._slots.acquire(blocking=False):
             raise Overloaded(memory.AT_CAPACITY)
         try:
-            with self._work:
+            while not self._work.acquire(timeout=QUEUE_CHECK):
+                if not alive():
+                    raise DeadlineExceeded("the call ended while it was queued")
+            try:
+                if not alive():
+                    raise DeadlineExceeded("the call ended while it was queued")
                 yield
+            finally:
+                self._work.release()
         finally:
             self._slots.release()
 
@@ -168,7 +179,7 @@ class ProcessorService:
         try:
             if request.malformed:
                 raise InvalidInput(MALFORMED)
-            with self.admission.admit():
+            with self.admission.admit(context.is_active):
                 job = job_from_request(request.job)
                 result = imaging.process(image, job, self.limits, self.admission.memory)
         except ServiceError as exc:
