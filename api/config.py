@@ -87,6 +87,7 @@ class ApiSettings:
     processor_key: str | None = None
     processor_server_name: str | None = None
     processor_insecure: bool = False
+    processor_bytes_in_flight: int = 64 * 1024 * 1024
     target_size: tuple[int, int] = (1024, 768)
     grayscale: bool = True
     margin: float = 0.05
@@ -244,6 +245,15 @@ def build_options() -> opt.Options:
         metavar="NAME",
     )
     add("processor-insecure", False, "plaintext to the processor, for development", kind="bool")
+    add(
+        "processor-bytes-in-flight",
+        64 * 1024 * 1024,
+        "request bytes this replica has out at the processors at once; calls beyond it wait "
+        "(a processor receives whole requests however busy it is: size its memory for the "
+        "API replicas times this)",
+        opt.byte_size,
+        "BYTES",
+    )
     add("target-size", (1024, 768), "output size", opt.size, "WxH")
     add("grayscale", True, "convert to grayscale", kind="bool")
     add(

@@ -6,8 +6,11 @@ docs/load-balancing.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -40,6 +43,7 @@ MIN_RESOLUTION_INTERVAL_MS = 5_000
 # arrived (a replica killed while replying), and a retired TLS channel cancels its stragglers.
 REISSUE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 MIN_REISSUE_SECONDS = 0.05
+DEFAULT_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # per API replica (--processor-bytes-in-flight)
 
 
 def service_config_for(balancing: str = "round_robin") -> dict[str, Any]:
@@ -109,6 +113,37 @@ def encode_request(job: pb.ProcessRequest, image: bytes) -> bytes:
 _IMAGE_TAG = wire.tag(pb.ProcessRequest.IMAGE_FIELD_NUMBER)
 
 
+class BytesInFlight:
+    """A cap on the request bytes this API has out at the processors at once.
+
+    gRPC receives a whole request into the processor's memory however busy the processor is,
+    a refused call's too (docs/reliability.md finding 14), so only the sender can bound what a
+    burst of large images costs a processor. A call waits for room until its deadline; one
+    image larger than the cap still goes, alone.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, size: int, deadline: float) -> Iterator[None]:
+        with self._room:
+            while self.used and self.used + size > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Overloaded("image processors are at capacity; retry shortly")
+                self._room.wait(left)
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= size
+                self._room.notify_all()
+
+
 class ProcessorClient:
     """Calls ``Process``; every processor failure leaves here as a domain error.
 
@@ -116,18 +151,23 @@ class ProcessorClient:
     more if the deadline allows: processing is idempotent.
     """
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, in_flight: BytesInFlight | None = None) -> None:
         # Requests arrive already serialized (encode_request), hence no request serializer.
         self._call = channel.unary_unary(
             METHOD, response_deserializer=pb.ProcessReply.FromString, _registered_method=True
         )
+        self.in_flight = in_flight or BytesInFlight(DEFAULT_BYTES_IN_FLIGHT)
 
     def process(self, job: pb.ProcessRequest, image: bytes, timeout: float) -> pb.ProcessReply:
         """Process ``image`` as ``job`` says (``job.image`` stays unset)."""
         request = encode_request(job, image)
         deadline = time.monotonic() + timeout
+        with self.in_flight.hold(len(request), deadline):
+            return self._process(request, deadline)
+
+    def _process(self, request: bytes, deadline: float) -> pb.ProcessReply:
         try:
-            return self._call(request, timeout=timeout)
+            return self._call(request, timeout=deadline - time.monotonic())
         except grpc.RpcError as exc:
             remaining = deadline - time.monotonic()
             if not _reissuable(exc, remaining):

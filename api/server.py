@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from api import config
 from api.accesslog import AccessLogInterceptor
 from api.fetch import Fetcher, FetchPolicy
-from api.forwarding import ProcessorClient, channel_options
+from api.forwarding import BytesInFlight, ProcessorClient, channel_options
 from api.interceptors import AnonymousInterceptor, AuthInterceptor, current_principal
 from api.lazyrequest import LazyRequestInterceptor
 from api.metrics import ApiMetrics
@@ -156,7 +156,8 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     limits = limiter(settings, tenants)
     fetcher = fetcher or Fetcher(fetch_policy(settings))
     store = result_store(settings)
-    service = ScalerService(settings, ProcessorClient(channel), fetcher, limits, store)
+    client = ProcessorClient(channel, BytesInFlight(settings.processor_bytes_in_flight))
+    service = ScalerService(settings, client, fetcher, limits, store)
     in_flight, registry = serving.InFlight(), metrics.new_registry()
     api_metrics = ApiMetrics(registry)
     api_metrics.count_failures(

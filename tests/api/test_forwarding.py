@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from api.forwarding import encode_request
+from api.forwarding import BytesInFlight, encode_request
+from processor.errors import Overloaded
 from processor.pb import processor_pb2 as ppb
 
 JOB = ppb.ProcessRequest(
@@ -31,3 +35,30 @@ def test_a_job_without_scaling_stays_without_it() -> None:
     parsed = ppb.ProcessRequest.FromString(encode_request(ppb.ProcessRequest(grayscale=True), b"x"))
     assert not parsed.HasField("scaling")
     assert (parsed.grayscale, parsed.image) == (True, b"x")
+
+
+def test_bytes_in_flight_wait_for_room_and_give_up_at_the_deadline() -> None:
+    in_flight = BytesInFlight(100)
+    entered = threading.Event()
+
+    def later() -> None:
+        with in_flight.hold(60, time.monotonic() + 30):
+            entered.set()
+
+    with in_flight.hold(60, time.monotonic() + 1):
+        with (  # no room before its deadline
+            pytest.raises(Overloaded, match="at capacity"),
+            in_flight.hold(60, time.monotonic() + 0.1),
+        ):
+            pass
+        waiter = threading.Thread(target=later)
+        waiter.start()
+        assert not entered.is_set() and in_flight.used == 60
+    waiter.join(timeout=10)
+    assert entered.is_set() and in_flight.used == 0  # room once the first was done
+
+
+def test_an_image_larger_than_the_cap_goes_alone() -> None:
+    in_flight = BytesInFlight(100)
+    with in_flight.hold(150, time.monotonic()):
+        assert in_flight.used == 150
