@@ -1063,7 +1063,11 @@ def storage_down(scale: Scale, workdir: Path | None = None, fallback: bool = Fal
             Action(scale.at(0.3), "storage killed", stack.storage.kill),
             Action(scale.at(0.6), "storage restarted", stack.storage.restart),
         ]
-        run = drive(stack.target(timeout=10), scale.profile(), actions)
+        # Callers that ask for a URL: one that asks only for the bytes gets them either way.
+        asking = pb.ScaleImageRequest(
+            image=pb.Image(content=SAMPLE.read_bytes()), delivery=pb.DELIVERY_URL_AND_INLINE
+        )
+        run = drive(stack.target(timeout=10), scale.profile(), actions, requests=[asking])
         inline = sum(e.get("storage") == "fallback-inline" for e in stack.api.log_lines())
     three_phases(result, run, "storage killed", "storage restarted")
     during = result.phases["during"]
