@@ -6,6 +6,7 @@ docs/load-balancing.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -118,23 +119,31 @@ class BytesInFlight:
 
     gRPC receives a whole request into the processor's memory however busy the processor is,
     a refused call's too (docs/reliability.md finding 14), so only the sender can bound what a
-    burst of large images costs a processor. A call waits for room until its deadline; one
-    image larger than the cap still goes, alone.
+    burst of large images costs a processor. A call waits for room until its deadline, in
+    arrival order (else a stream of small images could starve a large one); one image larger
+    than the cap still goes, alone.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._room = threading.Condition()
+        self._line: collections.deque[object] = collections.deque()
 
     @contextlib.contextmanager
     def hold(self, size: int, deadline: float) -> Iterator[None]:
         with self._room:
-            while self.used and self.used + size > self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Overloaded("image processors are at capacity; retry shortly")
-                self._room.wait(left)
+            turn = object()
+            self._line.append(turn)
+            try:
+                while self._line[0] is not turn or (self.used and self.used + size > self.limit):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Overloaded("image processors are at capacity; retry shortly")
+                    self._room.wait(left)
+            finally:
+                self._line.remove(turn)
+                self._room.notify_all()  # the next in line may fit now
             self.used += size
         try:
             yield

@@ -62,3 +62,38 @@ def test_an_image_larger_than_the_cap_goes_alone() -> None:
     in_flight = BytesInFlight(100)
     with in_flight.hold(150, time.monotonic()):
         assert in_flight.used == 150
+
+
+class _Announcing(threading.Condition):
+    """A condition that says when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.someone_waits = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.someone_waits.set()
+        return super().wait(timeout)
+
+
+def test_bytes_in_flight_serve_waiting_calls_in_arrival_order() -> None:
+    """A small call that would fit waits behind a large one that came first (no starvation)."""
+    in_flight = BytesInFlight(100)
+    in_flight._room = _Announcing()
+    entered: list[int] = []
+
+    def large() -> None:
+        with in_flight.hold(60, time.monotonic() + 30):
+            entered.append(60)
+
+    with in_flight.hold(60, time.monotonic() + 1):
+        waiter = threading.Thread(target=large)
+        waiter.start()
+        assert in_flight._room.someone_waits.wait(timeout=10)
+        with (  # 60 + 10 fits, but the large call is first in line
+            pytest.raises(Overloaded),
+            in_flight.hold(10, time.monotonic() + 0.1),
+        ):
+            pass
+    waiter.join(timeout=10)
+    assert entered == [60] and in_flight.used == 0
