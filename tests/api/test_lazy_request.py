@@ -85,7 +85,7 @@ def test_a_bad_token_is_refused_before_the_body(api: Api, sample_jpeg: bytes) ->
 
 
 def test_a_rate_limited_call_is_refused_before_the_body(api: Api, sample_jpeg: bytes) -> None:
-    token = api.token("thumbs")  # 3/minute
+    token = api.token("thumbs")  # 3/hour
     for _ in range(3):
         api.call(pb.Image(content=sample_jpeg), token)
     error = refusal_without_body(api, token, sample_jpeg)

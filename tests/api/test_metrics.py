@@ -41,7 +41,7 @@ def test_api_and_processor_metrics(tmp_path: Path, start_api, start_processor) -
     processor = start_processor(metrics_port=processor_port)
     secured = Secured(tmp_path, start_api, processor.port, metrics_port=api_port)
     try:
-        token = secured.token("thumbs")  # 3 requests per minute
+        token = secured.token("thumbs")  # 3 requests per hour
         for _ in range(3):
             secured.call(pb.Image(content=small_jpeg()), token)
         with pytest.raises(grpc.RpcError):
@@ -106,7 +106,7 @@ def test_pixel_refusals_count_as_denied(tmp_path: Path, start_api, start_process
     processor = start_processor()
     secured = Secured(tmp_path, start_api, processor.port, metrics_port=api_port)
     try:
-        token = secured.token("bigpix")  # 3 megapixels per minute, 1 per small image
+        token = secured.token("bigpix")  # 3 megapixels per hour, 1 per small image
         for _ in range(3):
             secured.call(pb.Image(content=small_jpeg()), token)
         refused = secured.refused(pb.Image(content=small_jpeg()), token)
