@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint proto proto-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The runtime dependencies as wheels, so that the wheel-install test needs no network.
+	$(BIN)/pip download --quiet --no-build-isolation --constraint constraints.txt \
+		--dest $(VENV)/wheelhouse .
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,8 +3,9 @@ the wheel, install it with the pinned constraints into a fresh venv (the Dockerf
 arguments), then run every console script's ``--help`` from that venv. The wheel must also carry
 the package data the scripts read at run time (imagescaler-bench's photos).
 
-Slow (about a minute; pip's cache makes reruns faster) and it needs the package index, as the
-image build does. Set ``IMAGESCALER_WHEELHOUSE=DIR`` to install from local wheels instead.
+Slow (about a minute). The dependencies come from local wheels, never the package index (tests
+talk to loopback only): ``make install`` downloads them into ``.venv/wheelhouse``;
+``IMAGESCALER_WHEELHOUSE=DIR`` names another folder.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def installed(wheel: Path) -> Path:
     args = [
         a for a in pip_install_args(stages(DOCKERFILE.read_text())[0]) if not a.endswith(".whl")
     ]
-    args.remove("--no-cache-dir")  # reuse pip's cache between runs; the image needs none
-    if os.environ.get("IMAGESCALER_WHEELHOUSE"):
-        args += ["--no-index", "--find-links", os.environ["IMAGESCALER_WHEELHOUSE"]]
+    wheelhouse = os.environ.get("IMAGESCALER_WHEELHOUSE") or str(ROOT / ".venv" / "wheelhouse")
+    assert Path(wheelhouse).is_dir(), f"no wheelhouse at {wheelhouse}: run make install"
+    args += ["--no-index", "--find-links", wheelhouse]
     run(env_dir / "bin" / "pip", "install", "--quiet", *args, wheel, cwd=src)
     return env_dir
 
