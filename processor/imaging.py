@@ -457,7 +457,7 @@ def _draft(image: Image.Image, need: tuple[int, int], grayscale: bool) -> float:
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or (
-        image.mode in ("1", "P", "L", "RGB") and "transparency" in image.info
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
     )
 
 
@@ -475,17 +475,9 @@ def _working_mode(image: Image.Image, grayscale: bool, keep_alpha: bool) -> Imag
 
 
 def _sixteen_to_eight(image: Image.Image) -> Image.Image:
-    """Scale 16-bit gray to 8 bits; Pillow's convert("L") would clip everything above 255.
-
-    A tRNS key names one 16-bit value: it becomes an alpha band, matched before scaling, so
-    that neighbouring values (which scale to the same 8-bit one) stay opaque.
-    """
+    """Scale 16-bit gray to 8 bits; Pillow's convert("L") would clip everything above 255."""
     scaled = image.point(lambda value: value * (1 / 257) + 0.5).convert("L")
-    scaled.info.pop("transparency", None)
-    key = image.info.get("transparency")
-    if isinstance(key, int):
-        transparent = np.asarray(image) == key
-        scaled.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8), "L"))
+    scaled.info.pop("transparency", None)  # a 16-bit tRNS value means nothing at 8 bits
     return scaled
 
 
