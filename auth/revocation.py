@@ -146,7 +146,11 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def revocation_store_supported(url: str) -> bool:
-    return url == "memory://" or urlsplit(url).scheme.lower() in REDIS_SCHEMES
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    return url == "memory://" or scheme in REDIS_SCHEMES
 
 
 def revocations_from_url(url: str, timeout: float = 0.5) -> Revocations:
