@@ -11,7 +11,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -45,6 +45,7 @@ MIN_RESOLUTION_INTERVAL_MS = 5_000
 REISSUE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 MIN_REISSUE_SECONDS = 0.05
 DEFAULT_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # per API replica (--processor-bytes-in-flight)
+LINE_CHECK = 0.05  # seconds between a waiting call's looks at whether its caller is still there
 
 
 def service_config_for(balancing: str = "round_robin") -> dict[str, Any]:
@@ -131,7 +132,10 @@ class BytesInFlight:
         self._line: collections.deque[object] = collections.deque()
 
     @contextlib.contextmanager
-    def hold(self, size: int, deadline: float) -> Iterator[None]:
+    def hold(
+        self, size: int, deadline: float, alive: Callable[[], bool] = lambda: True
+    ) -> Iterator[None]:
+        """Room for ``size`` bytes; a waiting call whose caller has gone leaves the line."""
         with self._room:
             turn = object()
             self._line.append(turn)
@@ -140,7 +144,9 @@ class BytesInFlight:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Overloaded("image processors are at capacity; retry shortly")
-                    self._room.wait(left)
+                    if not alive():
+                        raise DeadlineExceeded("the call ended while it waited for a processor")
+                    self._room.wait(min(left, LINE_CHECK))
             finally:
                 self._line.remove(turn)
                 self._room.notify_all()  # the next in line may fit now
@@ -167,11 +173,18 @@ class ProcessorClient:
         )
         self.in_flight = in_flight or BytesInFlight(DEFAULT_BYTES_IN_FLIGHT)
 
-    def process(self, job: pb.ProcessRequest, image: bytes, timeout: float) -> pb.ProcessReply:
-        """Process ``image`` as ``job`` says (``job.image`` stays unset)."""
+    def process(
+        self,
+        job: pb.ProcessRequest,
+        image: bytes,
+        timeout: float,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> pb.ProcessReply:
+        """Process ``image`` as ``job`` says (``job.image`` stays unset); ``alive`` says
+        whether the caller is still there while the call waits for room."""
         request = encode_request(job, image)
         deadline = time.monotonic() + timeout
-        with self.in_flight.hold(len(request), deadline):
+        with self.in_flight.hold(len(request), deadline, alive):
             return self._process(request, deadline)
 
     def _process(self, request: bytes, deadline: float) -> pb.ProcessReply:

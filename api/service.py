@@ -145,7 +145,9 @@ class ScalerService:
             scaled=decision.scale,
             grayscale=decision.grayscale,
         )
-        reply = self.processor.process(self._job(decision.scale), data, deadline.remaining())
+        reply = self.processor.process(
+            self._job(decision.scale), data, deadline.remaining(), context.is_active
+        )
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))
         if delivery.store:

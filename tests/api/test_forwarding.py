@@ -8,7 +8,7 @@ import time
 import pytest
 
 from api.forwarding import BytesInFlight, encode_request
-from processor.errors import Overloaded
+from processor.errors import DeadlineExceeded, Overloaded
 from processor.pb import processor_pb2 as ppb
 
 JOB = ppb.ProcessRequest(
@@ -97,3 +97,24 @@ def test_bytes_in_flight_serve_waiting_calls_in_arrival_order() -> None:
             pass
     waiter.join(timeout=10)
     assert entered == [60] and in_flight.used == 0
+
+
+def test_a_waiting_call_whose_caller_is_gone_leaves_the_line() -> None:
+    in_flight = BytesInFlight(100)
+    in_flight._room = _Announcing()
+    gone, outcome = threading.Event(), []
+
+    def waiting() -> None:
+        try:
+            with in_flight.hold(60, time.monotonic() + 30, lambda: not gone.is_set()):
+                outcome.append("sent")
+        except DeadlineExceeded:
+            outcome.append("left")
+
+    with in_flight.hold(60, time.monotonic() + 1):
+        waiter = threading.Thread(target=waiting)
+        waiter.start()
+        assert in_flight._room.someone_waits.wait(timeout=10)
+        gone.set()
+        waiter.join(timeout=10)
+        assert outcome == ["left"]  # before room came: never sent to a processor
