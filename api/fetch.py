@@ -445,9 +445,19 @@ class _TLSConnection(_Connection):
         try:
             # CPython bounds the whole handshake by the socket timeout set in _open_socket.
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        except (ssl.SSLCertVerificationError, ssl.SSLEOFError):
+            sock.close()
+            raise
+        except ssl.SSLError as exc:  # plain HTTP on the port, no protocol in common: permanent
+            sock.close()
+            raise _HandshakeFailed(str(exc)) from exc
         except BaseException:
             sock.close()
             raise
+
+
+class _HandshakeFailed(OSError):
+    """The TLS handshake itself failed (not a certificate, not a dropped connection)."""
 
 
 def _open_socket(
@@ -605,12 +615,18 @@ def _check_response(response: http.client.HTTPResponse, max_bytes: int) -> str:
     transfer = (response.getheader("Transfer-Encoding") or "chunked").strip().lower()
     if encoding != "identity" or transfer != "chunked":
         raise InvalidInput("URL source sent a compressed or encoded body (not accepted)")
-    if len({v.strip() for v in response.headers.get_all("Content-Length") or ()}) > 1:
+    if len(_declared_lengths(response)) > 1:
         raise FailedPrecondition("URL source sent conflicting Content-Length headers")
     media_type = _media_type(response.getheader("Content-Type"))
     if response.length is not None and response.length > max_bytes:
         raise TooLarge(f"URL source is larger than {max_bytes} bytes")
     return media_type
+
+
+def _declared_lengths(response: http.client.HTTPResponse) -> set[str]:
+    """Every Content-Length value, repeated headers and comma lists alike, leading zeros off."""
+    values = ",".join(response.headers.get_all("Content-Length") or ()).split(",")
+    return {v.strip().lstrip("0") or "0" for v in values if v.strip()}
 
 
 def _check_status(status: int) -> None:
@@ -656,8 +672,7 @@ def _translate(exc: BaseException, clock: _Clock) -> ServiceError:
         return DeadlineExceeded("URL source timed out (connect or read)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return FailedPrecondition("URL source TLS certificate verification failed")
-    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
-        # e.g. plain HTTP on the https port, or no protocol or cipher in common: permanent
+    if isinstance(exc, _HandshakeFailed):
         return FailedPrecondition("URL source TLS handshake failed")
     if isinstance(exc, socket.gaierror):
         return Unavailable("URL host could not be resolved (DNS; may be transient)")

@@ -848,7 +848,9 @@ def test_a_malformed_redirect_is_refused_as_such(origin: Origin, location: str) 
 def test_conflicting_content_lengths_are_malformed(origin: Origin) -> None:
     origin.routes["/img"] = reply(headers={"Content-Length": "10"})
     assert "conflicting Content-Length" in refused(fetcher(), origin.url(), FailedPrecondition)
-    origin.routes["/img"] = reply(headers={"Content-Length": str(len(PNG))})
+    origin.routes["/img"] = reply(length=None, headers={"Content-Length": f"{len(PNG)}, 10"})
+    assert "conflicting Content-Length" in refused(fetcher(), origin.url(), FailedPrecondition)
+    origin.routes["/img"] = reply(headers={"Content-Length": f"0{len(PNG)}"})
     assert fetcher().fetch(origin.url(), timeout=3.0).data == PNG  # the same value twice
 
 
