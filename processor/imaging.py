@@ -59,6 +59,7 @@ _SIMPLEJPEG_SPACES = {"L": ("GRAY", "Gray"), "RGB": ("RGB", "420")}
 _MAX_SIDE = {"jpeg": 65_500, "png": 2**31 - 1, "webp": 16_383}
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_KEY_BAND = 256  # rows per step when a 16-bit tRNS key is painted white
 _PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "CMYK": "CMYK", "L": "GRAY"}
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -465,6 +466,8 @@ def _working_mode(image: Image.Image, grayscale: bool, keep_alpha: bool) -> Imag
     """Bring any decoded mode to L, RGB, RGBA or CMYK: what LANCZOS and the output need."""
     if image.mode.startswith("I"):
         image = _sixteen_to_eight(image)
+    elif image.mode == "1" and "transparency" in image.info:
+        image = _one_bit_on_white(image)
     if _has_alpha(image):
         if keep_alpha:
             return image if image.mode == "RGBA" else image.convert("RGBA")
@@ -475,10 +478,36 @@ def _working_mode(image: Image.Image, grayscale: bool, keep_alpha: bool) -> Imag
 
 
 def _sixteen_to_eight(image: Image.Image) -> Image.Image:
-    """Scale 16-bit gray to 8 bits; Pillow's convert("L") would clip everything above 255."""
+    """Scale 16-bit gray to 8 bits; Pillow's convert("L") would clip everything above 255.
+
+    A tRNS key names one 16-bit value: its pixels are flattened onto white here, matched
+    before scaling, so values next to it (the same at 8 bits) stay as they are.
+    """
     scaled = image.point(lambda value: value * (1 / 257) + 0.5).convert("L")
-    scaled.info.pop("transparency", None)  # a 16-bit tRNS value means nothing at 8 bits
+    key = scaled.info.pop("transparency", None)
+    if isinstance(key, int):
+        _whiten_key(scaled, image, key)
     return scaled
+
+
+def _whiten_key(scaled: Image.Image, wide: Image.Image, key: int) -> None:
+    """Paint white where ``wide`` (16-bit) holds ``key``, a band of rows at a time: a mask of
+    the whole image would cost more memory than the decode is allowed."""
+    width, height = wide.size
+    for top in range(0, height, _KEY_BAND):
+        box = (0, top, width, min(top + _KEY_BAND, height))
+        hit = np.asarray(wide.crop(box)) == key
+        if hit.any():
+            scaled.paste(255, box, Image.fromarray(hit))
+
+
+def _one_bit_on_white(image: Image.Image) -> Image.Image:
+    """A 1-bit image with a tRNS key, flattened onto white in one 8-bit channel."""
+    if not image.info["transparency"]:  # black is transparent: nothing but white is left
+        return Image.new("L", image.size, 255)
+    gray = image.convert("L")  # white is transparent: white on white
+    gray.info.pop("transparency", None)
+    return gray
 
 
 def _flatten(image: Image.Image) -> Image.Image:

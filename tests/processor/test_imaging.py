@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from io import BytesIO
 
+import numpy as np
 import pytest
 from PIL import Image, ImageChops, ImageCms, ImageFile, JpegImagePlugin
 
@@ -336,6 +337,28 @@ def test_palette_png_with_transparency_flattens_onto_white_for_jpeg(images):
     assert red > 180 and green < 60
     gray = images.decode(run(data, format="png").data)
     assert gray.mode == "L" and gray.getpixel((8, 24)) == 255
+
+
+@pytest.mark.parametrize("mode", ["I;16", "1"])
+def test_colour_key_transparency_of_16_and_1_bit_gray_flattens_onto_white(images, mode):
+    """Columns: the key (transparent), a value near the key (opaque), a mid or white value."""
+    if mode == "1":
+        image = Image.new("1", (66, 48), 0)
+        image.paste(1, (44, 0, 66, 48))
+    else:
+        pixels = np.zeros((48, 66), np.uint16)
+        pixels[:, 22:44], pixels[:, 44:] = 200, 0x8080  # 200 and 0 are both 0 at 8 bits
+        image = Image.fromarray(pixels)
+    data = images.encode(image, "PNG", transparency=0)
+    decoded = images.decode(run(data, size=(66, 48), format="jpeg").data)
+    assert decoded.mode == "L"
+    assert decoded.getpixel((8, 24)) > 245
+    assert decoded.getpixel((56, 24)) > (245 if mode == "1" else 100)
+    if mode != "1":
+        assert decoded.getpixel((32, 24)) < 10
+    for fmt in ("png", "webp"):  # colour output: flattened too, at the right size
+        colour = images.decode(run(data, size=(33, 24), grayscale=False, format=fmt).data)
+        assert colour.size == (33, 24) and min(colour.convert("L").getpixel((2, 12)), 250) == 250
 
 
 def test_png_and_webp_output_keep_alpha(images):
