@@ -460,6 +460,12 @@ class _HandshakeFailed(OSError):
     """The TLS handshake itself failed (not a certificate, not a dropped connection)."""
 
 
+def _tls_alert(exc: BaseException) -> bool:
+    """A fatal alert the origin sent: a refusal, not a network fault. In TLS 1.3 a demand for
+    a client certificate arrives so, after our side of the handshake has finished."""
+    return isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason or "")
+
+
 def _open_socket(
     address: IPAddress, port: int, clock: _Clock, policy: FetchPolicy
 ) -> socket.socket:
@@ -672,7 +678,7 @@ def _translate(exc: BaseException, clock: _Clock) -> ServiceError:
         return DeadlineExceeded("URL source timed out (connect or read)")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return FailedPrecondition("URL source TLS certificate verification failed")
-    if isinstance(exc, _HandshakeFailed):
+    if isinstance(exc, _HandshakeFailed) or _tls_alert(exc):
         return FailedPrecondition("URL source TLS handshake failed")
     if isinstance(exc, socket.gaierror):
         return Unavailable("URL host could not be resolved (DNS; may be transient)")

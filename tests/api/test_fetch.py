@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api import config
+from api import fetch as fetch_module
 from api.fetch import (
     Fetcher,
     FetchPolicy,
@@ -961,6 +962,34 @@ def test_https_to_a_plain_http_origin_is_a_permanent_failure(
     fetch = Fetcher(policy(), StubResolver({"img.test": ["127.0.0.1"]}), ssl_context=trust)
     url = f"https://img.test:{origin.port}/img"
     assert "TLS handshake failed" in refused(fetch, url, FailedPrecondition)
+
+
+def test_an_origin_that_demands_a_client_certificate_is_a_permanent_failure(
+    make_origin: Callable[..., Origin], tls_files: TLSFiles
+) -> None:
+    """TLS 1.2: the refusal ends the handshake (for TLS 1.3, see the next test)."""
+    demanding = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    folder = tls_files.ca.parent
+    demanding.load_cert_chain(folder / "leaf.pem", folder / "leaf.key")
+    demanding.load_verify_locations(tls_files.ca)
+    demanding.verify_mode = ssl.CERT_REQUIRED
+    demanding.maximum_version = ssl.TLSVersion.TLSv1_2
+    origin = make_origin(tls=demanding)
+    trust = ssl.create_default_context(cafile=tls_files.ca)
+    fetch = Fetcher(policy(), StubResolver({"img.test": ["127.0.0.1"]}), ssl_context=trust)
+    message = refused(fetch, origin.url(host="img.test"), FailedPrecondition)
+    assert message == "URL source TLS handshake failed"
+
+
+def test_a_tls_alert_after_the_handshake_is_permanent_a_broken_record_transient() -> None:
+    """In TLS 1.3 an origin's demand for a client certificate arrives as an alert on the first
+    read, after our side of the handshake (whether it arrives before the origin's close is a
+    race on loopback, hence this check of the one place errors are translated)."""
+    alert, broken = ssl.SSLError(1, "alert"), ssl.SSLError(1, "mac")
+    alert.reason, broken.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED", "DECRYPTION_FAILED"
+    clock = fetch_module._Clock.begin(10)
+    assert isinstance(fetch_module._translate(alert, clock), FailedPrecondition)
+    assert isinstance(fetch_module._translate(broken, clock), Unavailable)
 
 
 def test_https_with_system_trust_refuses_an_unknown_ca(tls_origin: Origin) -> None:
