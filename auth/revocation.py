@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from auth.tokens import Claims
@@ -142,15 +142,16 @@ def _translated() -> Iterator[None]:
         raise Unavailable("revocation store unavailable") from exc
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
 def revocation_store_supported(url: str) -> bool:
+    """``memory://``, or a URL redis-py can parse (its own check, so start-up finds a bad port
+    rather than the first call)."""
+    if url == "memory://":
+        return True
     try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parse_url(url)
+    except ValueError:
         return False
-    return url == "memory://" or scheme in REDIS_SCHEMES
+    return True
 
 
 def revocations_from_url(url: str, timeout: float = 0.5) -> Revocations:

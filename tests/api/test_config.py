@@ -63,6 +63,7 @@ def test_list_options_from_env() -> None:
         ([], {"IMAGESCALER_TOKEN_LEEWAY": "-1"}, "IMAGESCALER_TOKEN_LEEWAY"),
         (["--revocations", "bogus"], {}, "--revocations"),
         (["--revocations", "redis://[::1"], {}, "--revocations"),
+        (["--revocations", "redis://h:notaport/0"], {}, "--revocations"),
         (["--issuer", ""], {}, "--issuer"),
         (["--fetch-max-redirects", "-5"], {}, "--fetch-max-redirects"),
         (["--deadline", "1e12", "--max-deadline", "1e12"], {}, "--deadline"),
