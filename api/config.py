@@ -170,6 +170,13 @@ class ApiSettings:
         if not sep or scheme not in RATELIMIT_SCHEMES:  # else a traceback at build_server
             schemes = ", ".join(f"{s}://" for s in RATELIMIT_SCHEMES)
             raise ValueError(f"--ratelimit-storage: expected one of {schemes}")
+        if scheme in ("redis", "rediss") and not revocation_store_supported(
+            self.ratelimit_storage
+        ):  # a password with / ? # unescaped: the limiter would fail open on every call
+            raise ValueError(
+                "--ratelimit-storage: not a URL redis-py can parse (percent-encode / ? # in "
+                "the password)"
+            )
         if not revocation_store_supported(self.revocations):
             raise ValueError("--revocations: expected memory://, redis://, rediss:// or unix://")
 
@@ -200,10 +207,10 @@ def _redact(uri: object) -> object:
     parameters redis-py and `limits` also take them from (``?password=secret``)."""
     if not isinstance(uri, str):
         return uri
+    scheme, sep, rest = uri.partition("://")
+    if "@" in rest:  # up to the last @, whatever a password holds (even / ? #)
+        uri = f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
     head, mark, query = uri.partition("?")
-    if "@" in head:
-        scheme, _, rest = head.partition("://")
-        head = f"{scheme}://***@{rest.rpartition('@')[2]}"
     params = [
         f"{p.partition('=')[0]}=***" if p.partition("=")[0].lower() in SECRET_PARAMETERS else p
         for p in query.split("&")

@@ -23,7 +23,7 @@ import jwt
 
 from auth import keys
 from auth.reloading import InvalidFile
-from auth.revocation import RedisRevocations
+from auth.revocation import RedisRevocations, revocation_store_supported
 from auth.tenants import SCOPES, TENANT_ID_PATTERN, load_tenants
 from auth.tokens import (
     DEFAULT_AUDIENCE,
@@ -188,9 +188,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # on the descriptor: a path could be swapped for a symlink
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -382,6 +382,8 @@ def _revoke(args: argparse.Namespace) -> None:
             "--revocations must be the API's redis:// URL "
             "(a memory:// store lives inside one API process)"
         )
+    if not revocation_store_supported(args.revocations):  # never echoed: it has a password
+        raise Refused("--revocations: not a URL redis-py can parse (percent-encode / ? # in it)")
     store = RedisRevocations(args.revocations)
     try:
         if args.tenant is None:

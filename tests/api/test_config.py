@@ -64,6 +64,8 @@ def test_list_options_from_env() -> None:
         (["--revocations", "bogus"], {}, "--revocations"),
         (["--revocations", "redis://[::1"], {}, "--revocations"),
         (["--revocations", "redis://h:notaport/0"], {}, "--revocations"),
+        # a password with an unescaped / made the limiter fail open on every call
+        (["--ratelimit-storage", "redis://:pa/ss@127.0.0.1:6379/0"], {}, "--ratelimit-storage"),
         (["--issuer", ""], {}, "--issuer"),
         (["--fetch-max-redirects", "-5"], {}, "--fetch-max-redirects"),
         (["--deadline", "1e12", "--max-deadline", "1e12"], {}, "--deadline"),
@@ -115,6 +117,7 @@ def test_a_bad_revocation_store_is_refused_without_echoing_it(capsys) -> None:
         "redis://user:hunter2@127.0.0.1:6379/0?socket_timeout=1",
         "redis://127.0.0.1:6379/0?password=hunter2",  # redis-py takes it from the query too
         "redis+sentinel://h1:26379,h2:26379/mymaster?sentinel_password=hunter2&db=0",
+        "redis+sentinel://:a?b/hunter2@h1:26379/mymaster",  # / and ? inside the password
     ],
 )
 def test_public_view_redacts_redis_password(uri: str) -> None:

@@ -284,6 +284,10 @@ def test_inspect_explains_refusals(
 def test_revoke_needs_a_shared_store(capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run(capsys, "revoke", "--revocations", "memory://", "--jti", "x")
     assert status == 1 and "must be the API's redis:// URL" in err
+    status, _, err = run(  # a password with an unescaped /: refused, and never echoed
+        capsys, "revoke", "--revocations", "redis://:pa/ss@127.0.0.1:1/0", "--tenant", "acme"
+    )
+    assert status == 1 and "not a URL redis-py can parse" in err and "pa/ss" not in err
     status, _, err = run(
         capsys, "revoke", "--revocations", f"redis://127.0.0.1:{free_port()}/0", "--tenant", "acme"
     )
