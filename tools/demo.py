@@ -9,6 +9,7 @@ No Redis and no cloud: rate limits and revocations live in memory.
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import subprocess
 import sys
@@ -65,7 +66,10 @@ def prepare() -> None:
         "--ttl",
         "12h",
     )
-    (RUN / "token").write_text(token.strip() + "\n")
+    (RUN / "token").unlink(missing_ok=True)  # created afresh, 0600: a bearer token
+    fd = os.open(RUN / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.strip() + "\n")
 
 
 def certs_fresh(certs: Path, margin: datetime.timedelta = datetime.timedelta(days=1)) -> bool:

@@ -24,3 +24,4 @@ def test_expiring_certificates_are_replaced_and_fresh_ones_kept(
     demo.prepare()  # fresh: kept, so running servers' peers stay valid
     assert (tmp_path / "certs" / "ca.pem").read_bytes() == ca
     assert (tmp_path / "token").read_text().count(".") == 2
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600  # a bearer token
