@@ -213,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "public listener is plaintext: bearer tokens cross the network in clear; "
             "use --tls-cert/--tls-key beyond loopback development"
         )
+    if settings.processor_insecure:
+        log.warning(
+            "images go to the processor in plaintext (--processor-insecure): for loopback "
+            "development only; use --processor-ca/--processor-cert/--processor-key"
+        )
     serving.wait_for_signal()
     running.stop(settings.grace, settings.drain_delay)
 

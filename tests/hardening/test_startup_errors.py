@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,22 @@ def test_a_certificate_that_does_not_load(tmp_path: Path) -> None:
         *("--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")),
     )
     assert code == 2 and "cannot start" in refusal(err)
+
+
+def test_plaintext_to_the_processor_is_announced() -> None:
+    """The processor refuses plaintext off loopback; the API can only say what it does."""
+    argv = [sys.executable, "-m", *API, "--listen", "127.0.0.1:0", "--metrics-port", "0"]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as server:
+        killer = threading.Timer(60, server.kill)  # a bound, should the lines never come
+        killer.start()
+        try:
+            assert server.stderr is not None
+            messages = []
+            for line in server.stderr:
+                messages.append(json.loads(line)["message"])
+                if "--processor-insecure" in messages[-1]:
+                    break
+        finally:
+            killer.cancel()
+            server.terminate()
+    assert "serving" in messages and "--processor-insecure" in messages[-1], messages
