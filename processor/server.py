@@ -68,7 +68,8 @@ def credentials(settings: config.ProcessorSettings) -> grpc.ServerCredentials | 
 def interceptors(
     settings: config.ProcessorSettings, in_flight: serving.InFlight, registry: CollectorRegistry
 ) -> list[grpc.ServerInterceptor]:
-    """Identity check first: a caller with a disallowed certificate reaches nothing else."""
+    """Drain accounting and metrics see every call, a refused one too; then the identity
+    check, so a caller with a disallowed certificate reaches no service."""
     chain: list[grpc.ServerInterceptor] = [in_flight, MetricsInterceptor(GrpcMetrics(registry))]
     if settings.allow_client:
         chain.append(tls.PeerCheckInterceptor(tls.AllowedPeers(frozenset(settings.allow_client))))
