@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from PIL import Image
 
 from api.ratelimit import SCHEMES as RATELIMIT_SCHEMES
-from auth.revocation import revocation_store_supported
+from auth.revocation import redis_url_parses, revocation_store_supported
 from auth.tokens import MAX_LEEWAY
 from processor import imaging
 from processor import options as opt
@@ -170,9 +170,8 @@ class ApiSettings:
         if not sep or scheme not in RATELIMIT_SCHEMES:  # else a traceback at build_server
             schemes = ", ".join(f"{s}://" for s in RATELIMIT_SCHEMES)
             raise ValueError(f"--ratelimit-storage: expected one of {schemes}")
-        if scheme in ("redis", "rediss") and not revocation_store_supported(
-            self.ratelimit_storage
-        ):  # a password with / ? # unescaped: the limiter would fail open on every call
+        if scheme in ("redis", "rediss") and not redis_url_parses(self.ratelimit_storage):
+            # a password with / ? # unescaped: the limiter would fail open on every call
             raise ValueError(
                 "--ratelimit-storage: not a URL redis-py can parse (percent-encode / ? # in "
                 "the password)"

@@ -142,16 +142,18 @@ def _translated() -> Iterator[None]:
         raise Unavailable("revocation store unavailable") from exc
 
 
-def revocation_store_supported(url: str) -> bool:
-    """``memory://``, or a URL redis-py can parse (its own check, so start-up finds a bad port
-    rather than the first call)."""
-    if url == "memory://":
-        return True
+def redis_url_parses(url: str) -> bool:
+    """redis-py's own check of a URL, so start-up finds a bad port (or a password with an
+    unescaped / ? #) rather than the first call. The URL is never echoed: it may hold one."""
     try:
         parse_url(url)
     except ValueError:
         return False
     return True
+
+
+def revocation_store_supported(url: str) -> bool:
+    return url == "memory://" or redis_url_parses(url)
 
 
 def revocations_from_url(url: str, timeout: float = 0.5) -> Revocations:

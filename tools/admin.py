@@ -23,7 +23,7 @@ import jwt
 
 from auth import keys
 from auth.reloading import InvalidFile
-from auth.revocation import RedisRevocations, revocation_store_supported
+from auth.revocation import RedisRevocations, redis_url_parses
 from auth.tenants import SCOPES, TENANT_ID_PATTERN, load_tenants
 from auth.tokens import (
     DEFAULT_AUDIENCE,
@@ -382,7 +382,7 @@ def _revoke(args: argparse.Namespace) -> None:
             "--revocations must be the API's redis:// URL "
             "(a memory:// store lives inside one API process)"
         )
-    if not revocation_store_supported(args.revocations):  # never echoed: it has a password
+    if not redis_url_parses(args.revocations):  # never echoed: it has a password
         raise Refused("--revocations: not a URL redis-py can parse (percent-encode / ? # in it)")
     store = RedisRevocations(args.revocations)
     try:
