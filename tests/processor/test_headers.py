@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -20,6 +17,7 @@ from processor.headers import (
     exif_orientation,
     probe,
 )
+from tests.processor.outside_pytest import run_python
 
 MB = 1024 * 1024
 LIMIT_PIXELS = 64_000_000
@@ -123,10 +121,7 @@ def test_pillows_bomb_warning_is_a_refusal_not_a_line_on_stderr(images):
         "try: probe(bytes.fromhex(sys.argv[1]), 1 << 20, 64_000_000)\n"
         "except Exception as exc: print(type(exc).__name__, exc)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    done = subprocess.run(
-        [sys.executable, "-c", code, data.hex()], capture_output=True, text=True, env=env
-    )
+    done = run_python(code, data.hex())
     assert done.stdout == "TooLarge image declares 100 MP; the limit is 64 MP\n"
     assert done.stderr == ""
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+from tests.processor.outside_pytest import run_python
 
 
 def test_library_warnings_become_json_lines() -> None:
@@ -14,10 +13,8 @@ def test_library_warnings_become_json_lines() -> None:
         "logs.configure('info')\n"
         "warnings.warn('Corrupt EXIF data', UserWarning)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
     entry = json.loads(lines[0])
