@@ -182,10 +182,10 @@ class ProcessorClient:
     ) -> pb.ProcessReply:
         """Process ``image`` as ``job`` says (``job.image`` stays unset); ``alive`` says
         whether the caller is still there while the call waits for room."""
-        request = encode_request(job, image)
         deadline = time.monotonic() + timeout
-        with self.in_flight.hold(len(request), deadline, alive):
-            return self._process(request, deadline)
+        # The forwarded copy is made once the call has room: a waiting call holds one copy.
+        with self.in_flight.hold(job.ByteSize() + len(image), deadline, alive):
+            return self._process(encode_request(job, image), deadline)
 
     def _process(self, request: bytes, deadline: float) -> pb.ProcessReply:
         try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
 
+import grpc
 import pytest
 
-from api.forwarding import BytesInFlight, encode_request
+from api.forwarding import BytesInFlight, ProcessorClient, encode_request
 from processor.errors import DeadlineExceeded, Overloaded
 from processor.pb import processor_pb2 as ppb
 
@@ -118,3 +120,34 @@ def test_a_waiting_call_whose_caller_is_gone_leaves_the_line() -> None:
         gone.set()
         waiter.join(timeout=10)
         assert outcome == ["left"]  # before room came: never sent to a processor
+
+
+def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
+    """Waiting large calls pile up in the API's memory: each holds the received image only."""
+    in_flight = BytesInFlight(100)
+    in_flight._room = _Announcing()
+    channel = grpc.insecure_channel("127.0.0.1:9")  # never reached: the call gives up first
+    client = ProcessorClient(channel, in_flight)
+    image = bytes(8 * 1024 * 1024)
+    gone, outcome, peak = threading.Event(), [], []
+
+    def waiting() -> None:
+        try:
+            client.process(JOB, image, 30, lambda: not gone.is_set())
+        except DeadlineExceeded:
+            outcome.append("left")
+
+    tracemalloc.start()
+    try:
+        with in_flight.hold(100, time.monotonic() + 30):
+            waiter = threading.Thread(target=waiting)
+            waiter.start()
+            assert in_flight._room.someone_waits.wait(timeout=10)
+            peak.append(tracemalloc.get_traced_memory()[1])
+            gone.set()
+            waiter.join(timeout=10)
+    finally:
+        tracemalloc.stop()
+        channel.close()
+    assert outcome == ["left"]
+    assert peak[0] < len(image) // 2
