@@ -83,7 +83,7 @@ def build_options() -> opt.Options:
     o.add(
         "allow-client",
         [],
-        "client identity (certificate SAN or CN) allowed to call",
+        "client identity (a certificate SAN; the CN if it has none) allowed to call",
         metavar="NAME",
         kind="list",
     )

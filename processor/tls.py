@@ -145,7 +145,8 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
 
 @dataclass(frozen=True)
 class AllowedPeers:
-    """Client identities (a SAN entry or the subject CN) that may call the processor."""
+    """Client identities (a SAN entry, or the subject CN of a certificate without SANs) that
+    may call the processor."""
 
     identities: frozenset[str]
 
@@ -158,9 +159,10 @@ class AllowedPeers:
 
 
 def peer_identities(context: grpc.ServicerContext) -> frozenset[str]:
-    """SAN entries (DNS, URI, IP) and common name of the verified client certificate."""
+    """SAN entries (DNS, URI, IP) of the verified client certificate; its common name only
+    when it has none (RFC 6125: a certificate with SANs is not vouched for under its CN)."""
     auth = context.auth_context()
-    values = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    values = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name", ())
     return frozenset(v.decode("utf-8", "replace") for v in values)
 
 

@@ -185,6 +185,19 @@ def test_disallowed_identity_denied_before_servicer(setup: Setup) -> None:
     assert setup.health.client_serials == []
 
 
+def test_common_name_counts_only_without_sans(setup: Setup) -> None:
+    """A certificate issued for other names is not the API's because its CN says so."""
+    port = setup.serve()
+    other = certs.issue(setup.ca, API_IDENTITY, purpose="client", names=["batch.example"])
+    with pytest.raises(grpc.RpcError) as info:
+        check(setup.channel(port, other))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "batch.example" in info.value.details()
+    assert setup.health.client_serials == []
+    cn_only = certs.issue(setup.ca, API_IDENTITY, purpose="client")
+    assert check(setup.channel(port, cn_only)) == SERVING
+
+
 def test_identity_may_come_from_any_san() -> None:
     allowed = AllowedPeers(frozenset({"spiffe://cluster.local/ns/img/sa/api"}))
     assert allowed.permits({"api.example", "spiffe://cluster.local/ns/img/sa/api"})
