@@ -39,6 +39,7 @@ from auth.tokens import (
 from processor.errors import Unavailable
 from processor.options import env_name
 from tools import certs
+from tools.cli import reader_may_leave
 
 PROG = "imagescaler-admin"
 
@@ -461,6 +462,7 @@ def build_parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, _
     return parser, env
 
 
+@reader_may_leave
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s %(message)s")
     parser, env = build_parser(os.environ if environ is None else environ)

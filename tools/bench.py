@@ -59,6 +59,7 @@ from PIL import Image
 from api.pb import imagescaler_pb2 as pb
 from processor import imaging
 from tools import serverenv
+from tools.cli import reader_may_leave
 from tools.client import MAX_MESSAGE
 from tools.loadgen import encoded_request, frozen_heap, scale_image
 
@@ -1094,6 +1095,7 @@ def _progress(text: str) -> None:
     print(f"imagescaler-bench: {text}", file=sys.stderr, flush=True)
 
 
+@reader_may_leave
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)

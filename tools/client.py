@@ -24,6 +24,7 @@ import grpc
 
 from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
+from tools.cli import reader_may_leave
 from tools.signedurl import FetchError, fetch_signed
 
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -250,6 +251,7 @@ def deliver(result: Result, args: argparse.Namespace) -> None:
     print(f"wrote      {args.out}")
 
 
+@reader_may_leave
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)

@@ -44,6 +44,7 @@ from typing import Any, TextIO
 import grpc
 
 from api.pb import imagescaler_pb2 as pb
+from tools.cli import reader_may_leave
 from tools.client import MAX_MESSAGE, token_from
 
 PROFILES = ("constant", "ramp", "step", "day")
@@ -550,6 +551,7 @@ def run(
     return build_report(profile, target, stats, dispatch, total, stopped)
 
 
+@reader_may_leave
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     p = parser(environ)
