@@ -11,7 +11,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,12 +19,14 @@ import grpc
 from api import accesslog
 from processor import serving, wire
 from processor.errors import (
+    Caller,
     DeadlineExceeded,
     InvalidInput,
     Overloaded,
     ServiceError,
     TooLarge,
     Unavailable,
+    check_caller,
 )
 from processor.pb import processor_pb2 as pb
 
@@ -132,9 +134,7 @@ class BytesInFlight:
         self._line: collections.deque[object] = collections.deque()
 
     @contextlib.contextmanager
-    def hold(
-        self, size: int, deadline: float, alive: Callable[[], bool] = lambda: True
-    ) -> Iterator[None]:
+    def hold(self, size: int, deadline: float, caller: Caller | None = None) -> Iterator[None]:
         """Room for ``size`` bytes; a waiting call whose caller has gone leaves the line."""
         with self._room:
             turn = object()
@@ -144,8 +144,7 @@ class BytesInFlight:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise Overloaded("image processors are at capacity; retry shortly")
-                    if not alive():
-                        raise DeadlineExceeded("the call ended while it waited for a processor")
+                    check_caller(caller, "waited for a processor")
                     self._room.wait(min(left, LINE_CHECK))
             finally:
                 self._line.remove(turn)
@@ -178,13 +177,13 @@ class ProcessorClient:
         job: pb.ProcessRequest,
         image: bytes,
         timeout: float,
-        alive: Callable[[], bool] = lambda: True,
+        caller: Caller | None = None,
     ) -> pb.ProcessReply:
-        """Process ``image`` as ``job`` says (``job.image`` stays unset); ``alive`` says
-        whether the caller is still there while the call waits for room."""
+        """Process ``image`` as ``job`` says (``job.image`` stays unset); a call waiting for
+        room leaves when its ``caller`` has gone."""
         deadline = time.monotonic() + timeout
         # The forwarded copy is made once the call has room: a waiting call holds one copy.
-        with self.in_flight.hold(job.ByteSize() + len(image), deadline, alive):
+        with self.in_flight.hold(job.ByteSize() + len(image), deadline, caller):
             return self._process(encode_request(job, image), deadline)
 
     def _process(self, request: bytes, deadline: float) -> pb.ProcessReply:

@@ -146,7 +146,7 @@ class ScalerService:
             grayscale=decision.grayscale,
         )
         reply = self.processor.process(
-            self._job(decision.scale), data, deadline.remaining(), context.is_active
+            self._job(decision.scale), data, deadline.remaining(), context
         )
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))

@@ -7,6 +7,8 @@ internal network details.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import grpc
 
 
@@ -52,6 +54,12 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(ServiceError):
+    """The call was cancelled (by its caller, a lost connection or a drain) before it was done."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -62,3 +70,28 @@ class Unauthenticated(ServiceError):
 
 def status_code(exc: ServiceError) -> grpc.StatusCode:
     return exc.code
+
+
+class Caller(Protocol):
+    """The part of ``grpc.ServicerContext`` a waiting call looks at."""
+
+    def is_active(self) -> bool: ...
+
+    def time_remaining(self) -> float | None: ...
+
+
+DEADLINE_SLACK = 0.05  # s: gRPC ends a call on its own clock; time_remaining() reads another
+
+
+def check_caller(caller: Caller | None, waiting: str) -> None:
+    """Raise DeadlineExceeded or Cancelled if the call ended while it was ``waiting``.
+
+    The two are told apart so that logs and metrics do not report cancelled calls (a client
+    that gave up early, a drain) as deadlines that were too short.
+    """
+    if caller is None or caller.is_active():
+        return
+    left = caller.time_remaining()
+    if left is not None and left <= DEADLINE_SLACK:
+        raise DeadlineExceeded(f"the deadline passed while the call {waiting}")
+    raise Cancelled(f"the call was cancelled while it {waiting}")

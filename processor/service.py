@@ -6,13 +6,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import grpc
 
 from processor import imaging, memory, serving, wire
-from processor.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceError
+from processor.errors import Caller, InvalidInput, Overloaded, ServiceError, check_caller
 from processor.metrics import PipelineMetrics
 from processor.pb import processor_pb2 as pb
 
@@ -41,6 +41,7 @@ FORMAT_ENUMS = {"jpeg": pb.FORMAT_JPEG, "png": pb.FORMAT_PNG, "webp": pb.FORMAT_
 MAX_SIDE = 16384
 DEFAULT_QUALITY = 85
 QUEUE_CHECK = 0.05  # seconds between a queued call's looks at whether its caller is still there
+QUEUED = "was queued"
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Processor"].full_name
@@ -142,7 +143,7 @@ class Admission:
         self.memory = memory.Budget(memory_budget)
 
     @contextlib.contextmanager
-    def admit(self, alive: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    def admit(self, caller: Caller | None = None) -> Iterator[None]:
         """A slot, then a worker. A queued call whose caller has gone (cancelled, deadline
         passed, drained) leaves the queue: it would take a worker, and refuse live calls
         meanwhile, for a result nobody waits for."""
@@ -150,11 +151,9 @@ class Admission:
             raise Overloaded(memory.AT_CAPACITY)
         try:
             while not self._work.acquire(timeout=QUEUE_CHECK):
-                if not alive():
-                    raise DeadlineExceeded("the call ended while it was queued")
+                check_caller(caller, QUEUED)
             try:
-                if not alive():
-                    raise DeadlineExceeded("the call ended while it was queued")
+                check_caller(caller, QUEUED)
                 yield
             finally:
                 self._work.release()
@@ -179,7 +178,7 @@ class ProcessorService:
         try:
             if request.malformed:
                 raise InvalidInput(MALFORMED)
-            with self.admission.admit(context.is_active):
+            with self.admission.admit(context):
                 job = job_from_request(request.job)
                 result = imaging.process(image, job, self.limits, self.admission.memory)
         except ServiceError as exc:

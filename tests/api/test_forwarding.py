@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from api.forwarding import BytesInFlight, ProcessorClient, encode_request
-from processor.errors import DeadlineExceeded, Overloaded
+from processor.errors import Cancelled, Overloaded, ServiceError
 from processor.pb import processor_pb2 as ppb
+from tests.callers import FakeCaller
 
 JOB = ppb.ProcessRequest(
     scaling=ppb.Scaling(width=1024, height=768, mode=ppb.FIT_MODE_PAD, pad_color=0x102030),
@@ -101,25 +102,31 @@ def test_bytes_in_flight_serve_waiting_calls_in_arrival_order() -> None:
     assert entered == [60] and in_flight.used == 0
 
 
-def test_a_waiting_call_whose_caller_is_gone_leaves_the_line() -> None:
+@pytest.mark.parametrize(
+    ("end", "code"),
+    [
+        (FakeCaller.cancel, grpc.StatusCode.CANCELLED),
+        (FakeCaller.expire, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_a_waiting_call_whose_caller_is_gone_leaves_the_line(end, code) -> None:
     in_flight = BytesInFlight(100)
-    in_flight._room = _Announcing()
-    gone, outcome = threading.Event(), []
+    caller, outcome = FakeCaller(), []
 
     def waiting() -> None:
         try:
-            with in_flight.hold(60, time.monotonic() + 30, lambda: not gone.is_set()):
+            with in_flight.hold(60, time.monotonic() + 30, caller):
                 outcome.append("sent")
-        except DeadlineExceeded:
-            outcome.append("left")
+        except ServiceError as exc:
+            outcome.append(exc.code)
 
     with in_flight.hold(60, time.monotonic() + 1):
         waiter = threading.Thread(target=waiting)
         waiter.start()
-        assert in_flight._room.someone_waits.wait(timeout=10)
-        gone.set()
+        assert caller.asked.wait(timeout=10)
+        end(caller)
         waiter.join(timeout=10)
-        assert outcome == ["left"]  # before room came: never sent to a processor
+        assert outcome == [code]  # before room came: never sent to a processor
 
 
 def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
@@ -129,12 +136,12 @@ def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
     channel = grpc.insecure_channel("127.0.0.1:9")  # never reached: the call gives up first
     client = ProcessorClient(channel, in_flight)
     image = bytes(8 * 1024 * 1024)
-    gone, outcome, peak = threading.Event(), [], []
+    caller, outcome, peak = FakeCaller(), [], []
 
     def waiting() -> None:
         try:
-            client.process(JOB, image, 30, lambda: not gone.is_set())
-        except DeadlineExceeded:
+            client.process(JOB, image, 30, caller)
+        except Cancelled:
             outcome.append("left")
 
     tracemalloc.start()
@@ -142,9 +149,9 @@ def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
         with in_flight.hold(100, time.monotonic() + 30):
             waiter = threading.Thread(target=waiting)
             waiter.start()
-            assert in_flight._room.someone_waits.wait(timeout=10)
+            assert caller.asked.wait(timeout=10)
             peak.append(tracemalloc.get_traced_memory()[1])
-            gone.set()
+            caller.cancel()
             waiter.join(timeout=10)
     finally:
         tracemalloc.stop()
