@@ -24,7 +24,7 @@ import grpc
 from api import accesslog
 from auth.tenants import SCOPE_CONTENT, SCOPE_URL, Tenant, TenantLookup
 from auth.tokens import AuthError, Claims, TokenVerifier
-from processor.errors import PermissionDenied, ServiceError, status_code
+from processor.errors import PermissionDenied, ServiceError, retry_hints, status_code
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,10 @@ class AuthInterceptor(_PrincipalInterceptor):
             _log_refusal(method, context, exc)
             if isinstance(exc, AuthError):
                 accesslog.note(auth_failure=exc.reason)
+            if exc.retry_after is not None:  # e.g. the revocation store's pause after a failure
+                context.set_trailing_metadata(
+                    retry_hints(exc.retry_after, context.time_remaining())
+                )
             context.abort(status_code(exc), str(exc))
             raise  # unreachable: abort raises
 

@@ -72,7 +72,7 @@ from limits.storage import RedisClusterStorage, RedisStorage, Storage, storage_f
 from limits.strategies import STRATEGIES, RateLimiter, SlidingWindowCounterRateLimiter
 
 from api import accesslog
-from processor.errors import ServiceError, TooLarge
+from processor.errors import ServiceError, TooLarge, retry_hints
 from processor.serving import Behaviour, UnaryInterceptor
 
 log = logging.getLogger("imagescaler.ratelimit")
@@ -169,6 +169,8 @@ class Quota:
 
 class LimitError(ServiceError):
     """A refusal the caller may retry after ``retry_after`` seconds."""
+
+    retry_after: int
 
     def __init__(self, message: str, retry_after: int, metadata: Metadata = ()) -> None:
         super().__init__(message)
@@ -638,7 +640,8 @@ def abort_for(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
             )
         )
         status.details.append(detail)
-        extra = (("retry-after", str(error.retry_after)), *error.metadata)
+        hints = retry_hints(error.retry_after, context.time_remaining())
+        extra = (*hints, *error.metadata)
     rich = rpc_status.to_status(status)
     # abort_with_status replaces the trailing metadata: merge rather than set it first.
     merged = _merged(context.trailing_metadata(), (*extra, *rich.trailing_metadata))

@@ -36,6 +36,12 @@ DEFAULT_PREFIX = "imagescaler:revoked:"
 RECHECK_AFTER = 1.0  # seconds a failed store is left alone by is_revoked
 
 
+class StoreUnavailable(Unavailable):
+    """The store failed: checks fail closed, and a retry after the pause may get through."""
+
+    retry_after = math.ceil(RECHECK_AFTER)
+
+
 class Revocations(Protocol):
     def revoke_jti(self, jti: str, expires_at: float) -> None:
         """Refuse the token with this ``jti``; forgotten once it would have expired anyway."""
@@ -111,7 +117,7 @@ class RedisRevocations:
 
     def is_revoked(self, claims: Claims) -> bool:
         if self._monotonic() < self._failed_until:
-            raise Unavailable("revocation store unavailable")
+            raise StoreUnavailable("revocation store unavailable")
         try:
             with _translated():
                 pipe = self._client.pipeline(transaction=False)
@@ -139,7 +145,7 @@ def _translated() -> Iterator[None]:
     try:
         yield
     except redis.RedisError as exc:
-        raise Unavailable("revocation store unavailable") from exc
+        raise StoreUnavailable("revocation store unavailable") from exc
 
 
 def redis_url_parses(url: str) -> bool:

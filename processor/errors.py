@@ -16,6 +16,7 @@ class ServiceError(Exception):
     """Base class: the message is safe to return to the caller."""
 
     code = grpc.StatusCode.INTERNAL
+    retry_after: int | None = None  # seconds after which a retry may succeed, if known
 
 
 class InvalidInput(ServiceError):
@@ -70,6 +71,22 @@ class Unauthenticated(ServiceError):
 
 def status_code(exc: ServiceError) -> grpc.StatusCode:
     return exc.code
+
+
+def retry_hints(seconds: int, time_remaining: float | None) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for a refusal that may succeed after ``seconds``.
+
+    ``retry-after`` is for people and clients that read it (``imagescaler-client --retry``).
+    ``grpc-retry-pushback-ms`` is for gRPC's own retry policy (gRFC A6), which would otherwise
+    retry UNAVAILABLE after 0.1 s into the same refusal. When the caller's deadline comes
+    first, the pushback says "do not retry": gRPC would wait out the deadline and report
+    DEADLINE_EXCEEDED instead of this refusal.
+    """
+    fits = time_remaining is None or time_remaining > seconds
+    return (
+        ("retry-after", str(seconds)),
+        ("grpc-retry-pushback-ms", str(seconds * 1000) if fits else "-1"),
+    )
 
 
 class Caller(Protocol):

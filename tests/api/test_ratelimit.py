@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from api.ratelimit import (
     sliding_wait,
 )
 from processor.errors import ServiceError
+from tools import client
 
 OK = grpc.StatusCode.OK
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -109,6 +111,7 @@ class Api:
     stub: imagescaler_pb2_grpc.ImageScalerStub
     channel: grpc.Channel
     servicer: Servicer
+    target: str
 
     def call(
         self, tenant: str | None, megapixels: float | None = None, hold: bool = False
@@ -154,7 +157,8 @@ def serve() -> Iterator[Callable[[Limiter], Api]]:
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stops.append(lambda: (servicer.proceed.set(), channel.close(), server.stop(0)))
-        return Api(imagescaler_pb2_grpc.ImageScalerStub(channel), channel, servicer)
+        stub = imagescaler_pb2_grpc.ImageScalerStub(channel)
+        return Api(stub, channel, servicer, f"127.0.0.1:{port}")
 
     yield start
     for stop in stops:
@@ -378,6 +382,7 @@ def test_redis_killed_then_restarted(policy, start_redis, make_limiter, serve, c
         assert [c.code for c in during] == [grpc.StatusCode.UNAVAILABLE] * 3
         assert during[0].details == "rate limiter unavailable"
         assert during[0].retry_info == 1 and during[0].trailing["retry-after"] == "1"
+        assert during[0].trailing["grpc-retry-pushback-ms"] == "1000"  # gRPC's retry waits too
     assert limiter.failures == 3
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -539,3 +544,25 @@ def test_no_limits_configured_means_no_storage_calls(make_limiter) -> None:
     assert admission.quota is None and not admission.degraded
     assert limiter.charge_pixels("acme", 50) is None
     assert limiter.failures == 0
+
+
+def test_grpc_retries_do_not_hammer_a_refusal_they_cannot_outwait(
+    start_redis, make_limiter, serve
+) -> None:
+    """The client's retry policy would retry UNAVAILABLE after 0.1 s into the same refusal; the
+    pushback tells it to wait the retry-after, or, when its deadline comes first, not to retry
+    (gRPC would otherwise wait out the deadline and report DEADLINE_EXCEEDED)."""
+    redis = start_redis()
+    limiter = make_limiter(storage=redis.url, failure_policy="closed")
+    api, tenant = serve(limiter), new_tenant()
+    redis.stop()
+    config = ("grpc.service_config", json.dumps(client.SERVICE_CONFIG))
+    with grpc.insecure_channel(api.target, options=[config]) as channel:
+        stub = imagescaler_pb2_grpc.ImageScalerStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ScaleImage(
+                pb.ScaleImageRequest(), metadata=[("x-test-tenant", tenant)], timeout=0.5
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+    assert limiter.failures == 1  # one attempt: without the pushback, three within 0.3 s

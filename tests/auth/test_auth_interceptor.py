@@ -469,6 +469,7 @@ def test_tenant_tokens_issued_before_a_moment_are_revoked(
 
 
 def test_redis_down_fails_closed_with_unavailable_and_recovers(
+    request: pytest.FixtureRequest,
     servers: Servers,
     keyring: KeyRing,
     signing_key: SigningKey,
@@ -478,6 +479,7 @@ def test_redis_down_fails_closed_with_unavailable_and_recovers(
     redis_server = start_redis()
     now = [0.0]
     revocations = RedisRevocations(redis_server.url, monotonic=lambda: now[0])
+    request.addfinalizer(revocations.close)
     port = servers.start(interceptor(keyring, tenants, revocations))
     token = signing_key.token()
     assert servers.call(port, token).code == grpc.StatusCode.OK
@@ -487,6 +489,14 @@ def test_redis_down_fails_closed_with_unavailable_and_recovers(
         grpc.StatusCode.UNAVAILABLE,
         "revocation store unavailable",
     )
+    with pytest.raises(grpc.RpcError) as paused:  # within the pause: retry once it is over
+        imagescaler_pb2_grpc.ImageScalerStub(servers.channel(port)).ScaleImage(
+            imagescaler_pb2.ScaleImageRequest(),
+            metadata=[("authorization", f"Bearer {token}")],
+            timeout=10,
+        )
+    trailers = dict(paused.value.trailing_metadata())
+    assert (trailers["retry-after"], trailers["grpc-retry-pushback-ms"]) == ("1", "1000")
     redis_server.start()
     now[0] = RECHECK_AFTER  # the store is left alone for a while after a failure
     assert servers.call(port, token).code == grpc.StatusCode.OK
