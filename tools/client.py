@@ -257,8 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.file and not args.url:
         p.error("give an image FILE or --url")
+    if args.file and args.url:
+        p.error("give an image FILE or --url, not both")
     if args.fetch and not args.store:
         p.error("--fetch needs --store")
+    if problem := unwritable(args):  # before the call: the work would be done and charged
+        p.error(problem)
     try:
         token = token_from(args, os.environ)
         ca = Path(args.ca).read_bytes() if args.ca else None
@@ -268,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"cannot read {exc.filename}: {exc.strerror}")
     except ValueError as exc:  # a token file that is not text, or a malformed token
         p.error(str(exc))
+    if content == b"":  # proto3 sends no bytes as no image: say what is wrong here
+        p.error(f"{args.file} is empty")
     with client:
         try:
             result = scale_with_retry(client, args, content)
@@ -281,7 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FetchError as exc:
         print(f"error: fetching the signed URL: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
+
+
+def unwritable(args: argparse.Namespace) -> str | None:
+    """Why ``--out`` cannot take the result, when the result is to be written there."""
+    if args.store and not args.fetch:
+        return None  # only the URL is printed
+    out = Path(args.out)
+    if out.is_dir():
+        return f"-o {out}: is a directory"
+    if not out.parent.is_dir():
+        return f"-o {out}: no directory {out.parent}"
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        return f"-o {out}: permission denied"
+    return None
 
 
 if __name__ == "__main__":

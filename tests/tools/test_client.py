@@ -168,14 +168,21 @@ def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (["{photo}", "--ca", "{missing}"], "cannot read {missing}: No such file"),
         (["{photo}", "--retry", "-1"], "--retry: expected a non-negative integer, got '-1'"),
         (["{photo}", "--retry", "many"], "--retry: expected a non-negative integer"),
+        (["{photo}", "--url", "http://127.0.0.1:1/p.jpg"], "give an image FILE or --url, not"),
+        (["{empty}"], "{empty} is empty"),
+        (["{photo}", "-o", "{dir}"], "-o {dir}: is a directory"),
+        (["{photo}", "-o", "{missing}/out.jpg"], "-o {missing}/out.jpg: no directory {missing}"),
+        (["{photo}", "-o", "{photo}/out.jpg"], "no directory {photo}"),
     ],
 )
 def test_bad_inputs_are_usage_errors_not_tracebacks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
     """Were FileNotFoundError tracebacks, and --retry -1 an 'AssertionError: unreachable'."""
-    names = {"photo": tmp_path / "p.jpg", "missing": tmp_path / "nope"}
+    names = {"photo": tmp_path / "p.jpg", "missing": tmp_path / "nope", "dir": tmp_path}
+    names["empty"] = tmp_path / "empty.jpg"
     names["photo"].write_bytes(b"x")
+    names["empty"].write_bytes(b"")
     argv = [f.format(**names) for f in flags]
     err = usage_error(capsys, *argv, "--server", "127.0.0.1:1", "--timeout", "1")
     assert message.format(**names) in err and "Traceback" not in err
@@ -196,6 +203,17 @@ def test_a_token_with_whitespace_inside_is_refused_before_any_call(
     )
     assert "the token has whitespace, control or non-ASCII characters inside" in err
     assert "SECRET" not in err
+
+
+def test_a_result_that_cannot_be_written_is_an_error_not_a_traceback(
+    api, tmp_path: Path, sample_jpeg: bytes, capsys
+) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(sample_jpeg)
+    server = f"127.0.0.1:{api.port}"
+    assert client.main([str(photo), "-o", "/dev/full", "--server", server]) == 1
+    err = capsys.readouterr().err
+    assert "error: cannot write /dev/full: No space left on device" in err
 
 
 def test_a_missing_file_from_a_real_process(tmp_path: Path) -> None:
