@@ -183,7 +183,7 @@ def build_server(settings: config.ApiSettings, fetcher: Fetcher | None = None) -
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, listener_credentials(settings))
     server.start()
-    stop_metrics = metrics.serve(registry, settings.metrics_port)
+    stop_metrics = metrics.serve(registry, settings.metrics_port, settings.listen)
     running = Running(server, port, servicer, in_flight, registry, [channel, limits], stop_metrics)
     if settings.probe_listen:
         running.probe, _ = tls.start_probe_server(settings.probe_listen, servicer)

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from processor.serving import Behaviour, UnaryInterceptor
+from processor.tls import loopback_host
 
 MEGAPIXEL_BUCKETS = (0.1, 0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -102,10 +103,16 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Callable[[], None]:
-    """Serve ``/metrics`` on ``port`` (0 means off); returns a function that stops it."""
+def serve(registry: CollectorRegistry, port: int, listen: str) -> Callable[[], None]:
+    """Serve ``/metrics`` on ``port`` (0 means off); returns a function that stops it.
+
+    A server listening on loopback only (``make run``, development) keeps its metrics there
+    too: tenant ids and refusal reasons are not for the network. Otherwise all interfaces,
+    for the scraper.
+    """
     if port == 0:
         return lambda: None
+    host = loopback_host(listen) or "0.0.0.0"
     try:
         server, thread = start_http_server(port, host, registry=registry)
     except OSError as exc:  # say which of the server's ports it is

@@ -99,7 +99,7 @@ def build_server(settings: config.ProcessorSettings) -> Running:
     servicer = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, settings.listen, credentials(settings))
     server.start()
-    stop_metrics = metrics.serve(registry, settings.metrics_port)
+    stop_metrics = metrics.serve(registry, settings.metrics_port, settings.listen)
     running = Running(server, port, servicer, in_flight, registry, stop_metrics)
     if settings.probe_listen:
         running.probe, running.probe_port = tls.start_probe_server(settings.probe_listen, servicer)

@@ -260,11 +260,16 @@ def start_probe_server(
     return server, port
 
 
-def refuse_non_loopback(listen: str) -> None:
-    """Raise ValueError unless ``listen`` (HOST:PORT) is on 127.0.0.0/8, ::1 or localhost."""
+def loopback_host(listen: str) -> str | None:
+    """The host of ``listen`` (HOST:PORT) if it is on 127.0.0.0/8, ::1 or localhost."""
     host = listen.rpartition(":")[0] if ":" in listen else listen
     host = host.removeprefix("[").removesuffix("]")
-    if not _is_loopback(host):
+    return host if _is_loopback(host) else None
+
+
+def refuse_non_loopback(listen: str) -> None:
+    """Raise ValueError unless ``listen`` (HOST:PORT) is on 127.0.0.0/8, ::1 or localhost."""
+    if loopback_host(listen) is None:
         raise ValueError(
             f"refusing to serve plaintext on {listen!r}: --insecure is for development and only "
             "binds loopback (127.0.0.0/8, [::1] or localhost); use --tls-cert/--tls-key/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.pb import imagescaler_pb2 as pb
+from processor import metrics
 from tests.api.test_secured import Secured, small_jpeg
 from tests.stack import free_port
 
@@ -117,3 +119,26 @@ def test_pixel_refusals_count_as_denied(tmp_path: Path, start_api, start_process
     api = scrape(api_port)
     assert value(api, "imagescaler_ratelimit_total", tenant="bigpix", result="allowed") == 3
     assert value(api, "imagescaler_ratelimit_total", tenant="bigpix", result="denied") == 1
+
+
+@pytest.mark.parametrize(
+    ("listen", "elsewhere"), [("127.0.0.1:50051", False), ("0.0.0.0:50051", True)]
+)
+def test_metrics_stay_on_loopback_when_the_server_does(listen: str, elsewhere: bool) -> None:
+    """``make run`` listens on loopback: its metrics (tenant ids, refusal reasons) did not."""
+    port = free_port()
+    stop = metrics.serve(metrics.new_registry(), port, listen)
+    try:
+        assert "process_cpu_seconds_total" in fetch("127.0.0.1", port)
+        if elsewhere:  # 127.0.0.2 stands for another interface: only a wildcard bind answers
+            assert "process_cpu_seconds_total" in fetch("127.0.0.2", port)
+        else:
+            with pytest.raises(urllib.error.URLError, match="refused"):
+                fetch("127.0.0.2", port)
+    finally:
+        stop()
+
+
+def fetch(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+        return reply.read().decode()
