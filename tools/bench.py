@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -212,8 +213,15 @@ class Loop:
     latencies_ms: list[float] = field(default_factory=list)
     pipeline_ms: list[float] = field(default_factory=list)  # e2e: the processor's own time
     errors: int = 0
+    error_codes: collections.Counter[str] = field(default_factory=collections.Counter)
     seconds: float = 0.0
     late: int = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a failed call under its gRPC status (or exception) name."""
+        self.errors += 1
+        code = exc.code() if isinstance(exc, grpc.RpcError) else None  # type: ignore[attr-defined]
+        self.error_codes[code.name if code else type(exc).__name__] += 1
 
 
 # --- load loops ---------------------------------------------------------------------------------
@@ -246,9 +254,9 @@ def closed_loop(
             started = time.perf_counter()
             try:
                 reply = call()
-            except Exception:  # counted and reported; a benchmark keeps going
+            except Exception as exc:  # counted and reported; a benchmark keeps going
                 with lock:
-                    loop.errors += 1
+                    loop.failed(exc)
                 continue
             with lock:
                 loop.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -276,12 +284,13 @@ def open_loop(
 
     def finished(future: grpc.Future, scheduled: float) -> None:
         with done:
-            if future.exception() is None:
+            exc = future.exception()
+            if exc is None:
                 loop.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
                 if inside:
                     loop.pipeline_ms.append(inside(future.result()))
             else:
-                loop.errors += 1
+                loop.failed(exc)
             pending[0] -= 1
             done.notify_all()
 
@@ -323,6 +332,7 @@ class Tally:
         self.loop.latencies_ms += loop.latencies_ms
         self.loop.pipeline_ms += loop.pipeline_ms
         self.loop.errors += loop.errors
+        self.loop.error_codes.update(loop.error_codes)
         self.loop.seconds += loop.seconds
         self.loop.late += loop.late
 
@@ -333,6 +343,7 @@ class Tally:
             **base,
             "images": images,
             "errors": self.loop.errors,
+            "error_codes": dict(self.loop.error_codes),
             "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 2) if seconds else 0.0,
             "latency_ms": latency_summary(self.loop.latencies_ms),

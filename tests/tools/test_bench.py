@@ -47,7 +47,7 @@ def test_every_mode_reports_throughput_latency_cpu_and_memory(
 ) -> None:
     (row,) = rows(report, mode, loop)
     assert row["workload"] == "W3"
-    assert row["images"] > 0 and row["errors"] == 0
+    assert row["images"] > 0 and row["errors"] == 0, row["error_codes"]
     assert row["images_per_s"] > 0
     lat = row["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
