@@ -3,6 +3,9 @@
 Exit codes: 0 done, 1 refused or invalid input (the message says why), 2 usage error.
 Every option is also an environment variable, ``IMAGESCALER_`` plus the flag in upper snake
 case (``--max-ttl`` is ``IMAGESCALER_MAX_TTL``; lists are comma-separated); flags win.
+Except switches (``--json``, ``--force``) and what ``revoke`` revokes (``--jti``, ``--token``,
+``--tenant``): flags only, so that a variable left set for ``mint`` or ``imagescaler-client``
+(``IMAGESCALER_TENANT``, ``IMAGESCALER_TOKEN``) never chooses what is revoked or replaced.
 """
 
 from __future__ import annotations
@@ -350,6 +353,8 @@ def _add_revoke(sub: Any, env: _EnvOptions) -> None:
         metavar="URL",
         required=True,
     )
+    # flags only (see the module docstring): IMAGESCALER_TENANT is mint's, IMAGESCALER_TOKEN
+    # imagescaler-client's, and neither may pick what an operator revokes
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", help="revoke the token with this jti (needs --expires)")
     which.add_argument(
@@ -458,7 +463,7 @@ def build_parser(environ: Mapping[str, str]) -> tuple[argparse.ArgumentParser, _
     env = _EnvOptions(environ)
     for add in (_add_keygen, _add_mint, _add_inspect, _add_revoke, _add_tenants):
         add(sub, env)
-    certs.register(sub)
+    certs.register(sub, env.add)
     return parser, env
 
 

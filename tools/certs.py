@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -247,8 +247,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``certs`` subcommand; the admin tool dispatches to ``args.handler(args)``."""
+class AddOption(Protocol):
+    """The admin tool's way to add an option that is also an ``IMAGESCALER_*`` variable."""
+
+    def __call__(self, parser: argparse.ArgumentParser, flag: str, help: str, **kw: Any) -> None:
+        """Like ``parser.add_argument(flag, help=help, **kw)``."""
+
+
+def register(subparsers: argparse._SubParsersAction, add: AddOption) -> None:
+    """Add the ``certs`` subcommand; the admin tool dispatches to ``args.run(args)``."""
     parser = subparsers.add_parser(
         "certs",
         help="create a development CA, processor server and API client certificates",
@@ -258,16 +265,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"--dns name; the API client certificate's identity is {API_IDENTITY!r}. "
         "For development: in Kubernetes, cert-manager or a Secret provides these files.",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
-    parser.add_argument(
+    add(parser, "--out", "directory to write the files to", type=Path, required=True, metavar="DIR")
+    add(
+        parser,
         "--dns",
+        "extra processor names, e.g. processor.ns.svc or *.processor.ns.svc.cluster.local",
         action="extend",
         nargs="+",
-        default=[],
         metavar="NAME",
-        help="extra processor names, e.g. processor.ns.svc or *.processor.ns.svc.cluster.local",
     )
-    parser.add_argument("--days", type=_positive_int, default=90, help="validity (default 90)")
+    add(parser, "--days", "validity in days, default 90", type=_positive_int, default=90)
+    # a switch, so flags only: a leftover IMAGESCALER_FORCE must never replace a CA
     parser.add_argument("--force", action="store_true", help="replace existing files")
     parser.set_defaults(run=_run)
 

@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # handshake failures are expected here
 
-import argparse
 import datetime
 import logging
 import socket
@@ -34,7 +33,7 @@ from processor.tls import (
     server_credentials,
     start_probe_server,
 )
-from tools import certs
+from tools import admin, certs
 from tools.certs import API_IDENTITY, CertifiedKey, Pki
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -358,10 +357,7 @@ def test_plaintext_refused_elsewhere(listen: str) -> None:
 
 
 def _certs_command(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="imagescaler-admin")
-    certs.register(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return admin.main(list(argv), environ={})
 
 
 def _sans(cert: x509.Certificate) -> list[str]:

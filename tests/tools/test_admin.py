@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import io
 import json
 import stat
@@ -17,6 +19,7 @@ import grpc
 import jwt
 import pytest
 import redis
+from cryptography import x509
 
 from api.interceptors import AuthInterceptor, current
 from api.pb import imagescaler_pb2, imagescaler_pb2_grpc
@@ -24,8 +27,10 @@ from auth.keys import KeyStore, load_private_key
 from auth.revocation import RedisRevocations
 from auth.tenants import TenantRegistry
 from auth.tokens import AuthError, AuthSettings, Claims, TokenVerifier, mint
+from processor.options import env_name
 from tests.stack import free_port
 from tools import admin
+from tools.certs import CLOCK_SKEW, Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -386,6 +391,89 @@ def test_tenants_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     status, out, err = run(capsys, "tenants", "check", str(bad))
     assert status == 1 and out == ""
     assert "tenant 'acme': 'storage' must be one of forbid, allow, require" in err
+
+
+def _lifetime(cert_path: Path) -> datetime.timedelta:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc - cert.not_valid_before_utc
+
+
+def _processor_sans(pki: Pki) -> list[str]:
+    cert = x509.load_pem_x509_certificate(pki.processor_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in names]
+
+
+def test_certs_from_the_environment_and_flags_win(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`certs` read no variable: IMAGESCALER_OUT was "required", IMAGESCALER_DAYS ignored."""
+    environ = {
+        "IMAGESCALER_OUT": str(tmp_path / "env"),
+        "IMAGESCALER_DAYS": "5",
+        "IMAGESCALER_DNS": "processor, processor.ns.svc",
+    }
+    status, out, _ = run(capsys, "certs", environ=environ)
+    pki = Pki.in_dir(tmp_path / "env")
+    assert status == 0 and out.split() == [str(path) for path in pki.paths()]
+    assert _lifetime(pki.api_cert) == datetime.timedelta(days=5) + CLOCK_SKEW
+    loopback = ["localhost", "127.0.0.1", "::1"]
+    assert _processor_sans(pki) == [*loopback, "processor", "processor.ns.svc"]
+    flags = ("--out", str(tmp_path / "flag"), "--days", "7", "--dns", "p7")
+    status, _, _ = run(capsys, "certs", *flags, environ=environ)
+    pki = Pki.in_dir(tmp_path / "flag")
+    assert status == 0 and _lifetime(pki.api_cert) == datetime.timedelta(days=7) + CLOCK_SKEW
+    assert _processor_sans(pki) == [*loopback, "p7"]  # the flag's list, not merged
+    with pytest.raises(SystemExit) as info:
+        admin.main(["certs"], environ={**environ, "IMAGESCALER_DAYS": "0"})
+    assert info.value.code == 2 and "--days: must be positive" in capsys.readouterr().err
+
+
+FLAGS_ONLY = {
+    ("mint", "--json"),
+    ("certs", "--force"),
+    ("revoke", "--jti"),
+    ("revoke", "--token"),
+    ("revoke", "--tenant"),
+}
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield parser.prog.removeprefix(f"{admin.PROG} "), action
+
+
+def test_every_option_is_an_environment_variable_unless_the_help_says_not() -> None:
+    """What --help promises; the exceptions are named in it (and why)."""
+    parser, _ = admin.build_parser({})
+    seen: set[tuple[str, str]] = set()
+    for command, action in _options(parser):
+        flag = action.option_strings[-1]
+        from_env = f"(env {env_name(flag)})" in (action.help or "")
+        assert from_env != ((command, flag) in FLAGS_ONLY), (command, flag)
+        seen.add((command, flag))
+    assert seen >= FLAGS_ONLY
+    assert all(f"``{flag}``" in (admin.__doc__ or "") for _, flag in FLAGS_ONLY)
+
+
+def test_revoke_never_takes_its_target_from_the_environment(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """IMAGESCALER_TENANT (mint's) or IMAGESCALER_TOKEN (imagescaler-client's) left set."""
+    environ = {
+        "IMAGESCALER_REVOCATIONS": "redis://127.0.0.1:1/0",
+        "IMAGESCALER_TENANT": "acme",
+        "IMAGESCALER_TOKEN": "x.y.z",
+        "IMAGESCALER_JTI": "j",
+    }
+    with pytest.raises(SystemExit) as info:
+        admin.main(["revoke"], environ=environ)
+    assert info.value.code == 2
+    assert "one of the arguments --jti --token --tenant is required" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
