@@ -117,6 +117,20 @@ def encode_request(job: pb.ProcessRequest, image: bytes) -> bytes:
 _IMAGE_TAG = wire.tag(pb.ProcessRequest.IMAGE_FIELD_NUMBER)
 
 
+class Body:
+    """An image on its way to a processor, referenced from here only: the processor client
+    takes it once the forwarded copy exists, so a call in flight holds one copy, not two."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def take(self) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
 class BytesInFlight:
     """A cap on the request bytes this API has out at the processors at once.
 
@@ -175,16 +189,17 @@ class ProcessorClient:
     def process(
         self,
         job: pb.ProcessRequest,
-        image: bytes,
+        image: Body,
         timeout: float,
         caller: Caller | None = None,
     ) -> pb.ProcessReply:
         """Process ``image`` as ``job`` says (``job.image`` stays unset); a call waiting for
         room leaves when its ``caller`` has gone."""
         deadline = time.monotonic() + timeout
-        # The forwarded copy is made once the call has room: a waiting call holds one copy.
-        with self.in_flight.hold(job.ByteSize() + len(image), deadline, caller):
-            return self._process(encode_request(job, image), deadline)
+        # The forwarded copy is made once the call has room, and replaces the image: a call
+        # holds one copy, waiting or in flight.
+        with self.in_flight.hold(job.ByteSize() + len(image.data), deadline, caller):
+            return self._process(encode_request(job, image.take()), deadline)
 
     def _process(self, request: bytes, deadline: float) -> pb.ProcessReply:
         try:

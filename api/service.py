@@ -12,7 +12,7 @@ from api import accesslog
 from api.config import ApiSettings
 from api.decision import decide
 from api.fetch import Fetcher
-from api.forwarding import ProcessorClient
+from api.forwarding import Body, ProcessorClient
 from api.interceptors import current, require_scope
 from api.pb import imagescaler_pb2 as pb
 from api.ratelimit import Limiter, LimitError, abort_for
@@ -65,8 +65,12 @@ class Received:
     """A ``ScaleImageRequest`` as it arrived: the image's bytes taken out once."""
 
     message: pb.ScaleImageRequest  # ``image.content`` unset
-    content: bytes
+    body: Body  # ``image.content``, emptied once forwarded (every frame up the stack keeps self)
     malformed: bool = False  # not a ScaleImageRequest at all: INVALID_ARGUMENT, not INTERNAL
+
+    @property
+    def content(self) -> bytes:
+        return self.body.data
 
 
 MALFORMED = f"malformed request: not a valid {pb.ScaleImageRequest.DESCRIPTOR.full_name} message"
@@ -82,8 +86,9 @@ def read_request(raw: bytes) -> Received:
         pb.Image.CONTENT_FIELD_NUMBER,
     )
     if taken is None:
-        return Received(pb.ScaleImageRequest(), b"", malformed=True)
-    return Received(*taken)
+        return Received(pb.ScaleImageRequest(), Body(b""), malformed=True)
+    message, content = taken
+    return Received(message, Body(content))
 
 
 def add_to_server(
@@ -133,12 +138,12 @@ class ScalerService:
         delivery = delivery_for(request.message.delivery, current().tenant)
         if delivery.store and not s.result_store:  # before any fetch, charge or work
             raise FailedPrecondition("result storage is not configured on this service")
-        data = self._source(request.message.image, request.content, deadline)
-        header = headers.probe(data, s.max_input_bytes, s.max_pixels)
+        body = self._source(request.message.image, request.body, deadline)
+        header = headers.probe(body.data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
         decision = decide(header.oriented_size, s.target_size, s.margin, s.grayscale)
         accesslog.note(
-            bytes_in=len(data),
+            bytes_in=len(body.data),
             input_format=header.format,
             input_size=f"{header.oriented_size[0]}x{header.oriented_size[1]}",
             megapixels=round(header.pixels / 1e6, 3),
@@ -146,7 +151,7 @@ class ScalerService:
             grayscale=decision.grayscale,
         )
         reply = self.processor.process(
-            self._job(decision.scale), data, deadline.remaining(), context
+            self._job(decision.scale), body, deadline.remaining(), context
         )
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))
@@ -188,9 +193,9 @@ class ScalerService:
             )
         )
 
-    def _source(self, image: pb.Image, content: bytes, deadline: Deadline) -> bytes:
+    def _source(self, image: pb.Image, content: Body, deadline: Deadline) -> Body:
         """Inline bytes win over a URL, as the contract says."""
-        if content:
+        if content.data:
             require_scope(SCOPE_CONTENT)
             accesslog.note(source="content")
             return content
@@ -199,7 +204,7 @@ class ScalerService:
             accesslog.note(source="url")
             fetched = self.fetcher.fetch(image.source.http_uri, deadline.remaining())
             accesslog.note(fetch_ms=round(fetched.elapsed * 1000, 1))
-            return fetched.data
+            return Body(fetched.data)
         raise InvalidInput("no image: set image.content or image.source.http_uri")
 
     def _job(self, scale: bool) -> ppb.ProcessRequest:

@@ -237,8 +237,12 @@ def test_pick_first_sends_every_call_to_one_replica(cluster: Cluster) -> None:
     cluster.stack.callback(channel.close)
     client = forwarding.ProcessorClient(channel)
     job = ppb.ProcessRequest()
+
+    def send(_: int) -> ppb.ProcessReply:
+        return client.process(job, forwarding.Body(cluster.image), TIMEOUT)
+
     with futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: client.process(job, cluster.image, TIMEOUT), range(300)))
+        list(pool.map(send, range(300)))
     assert sorted(served(r) for r in replicas) == [0, 0, 300]
 
 

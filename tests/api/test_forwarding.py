@@ -5,14 +5,24 @@ from __future__ import annotations
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from api.forwarding import BytesInFlight, ProcessorClient, encode_request
+import api
+from api import server as api_server
+from api.forwarding import SERVICE, Body, BytesInFlight, ProcessorClient, encode_request
+from api.pb import imagescaler_pb2 as pb
+from api.service import SERVICE_NAME
+from processor import serving
 from processor.errors import Cancelled, Overloaded, ServiceError
 from processor.pb import processor_pb2 as ppb
 from tests.callers import FakeCaller
+from tests.stack import dev_api_settings
 
 JOB = ppb.ProcessRequest(
     scaling=ppb.Scaling(width=1024, height=768, mode=ppb.FIT_MODE_PAD, pad_color=0x102030),
@@ -140,7 +150,7 @@ def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
 
     def waiting() -> None:
         try:
-            client.process(JOB, image, 30, caller)
+            client.process(JOB, Body(image), 30, caller)
         except Cancelled:
             outcome.append("left")
 
@@ -158,3 +168,60 @@ def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
         channel.close()
     assert outcome == ["left"]
     assert peak[0] < len(image) // 2
+
+
+class _HoldingProcessor:
+    """A processor stand-in that keeps each call until :attr:`release` is set."""
+
+    def __init__(self, max_message: int) -> None:
+        self.arrived, self.release = threading.Event(), threading.Event()
+        options = serving.message_options(max_message)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=options)
+        process = grpc.unary_unary_rpc_method_handler(
+            self._process, response_serializer=ppb.ProcessReply.SerializeToString
+        )
+        handlers = grpc.method_handlers_generic_handler(SERVICE, {"Process": process})
+        self.server.add_generic_rpc_handlers((handlers,))
+        serving.add_health_and_reflection(self.server, [SERVICE])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _process(self, request: bytes, context: Any) -> ppb.ProcessReply:
+        self.arrived.set()
+        self.release.wait(timeout=30)
+        return ppb.ProcessReply(image=b"scaled", format=ppb.FORMAT_JPEG)
+
+
+def test_a_call_at_the_processor_holds_one_copy_of_its_image(
+    start_api: Callable[..., api_server.Running], sample_jpeg: bytes
+) -> None:
+    """While a processor works on an image the API holds the forwarded copy only: the
+    received one is let go (each 31 MiB upload in flight held two Python copies)."""
+    image = sample_jpeg + bytes(8 * 1024 * 1024)  # a real header; the stand-in decodes nothing
+    raw = pb.ScaleImageRequest(image=pb.Image(content=image)).SerializeToString()
+    held = _HoldingProcessor(32 * 1024 * 1024)
+    running = start_api(dev_api_settings(f"127.0.0.1:{held.port}"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    call = channel.unary_unary(
+        f"/{SERVICE_NAME}/ScaleImage", response_deserializer=pb.ScaleImageReply.FromString
+    )
+    tracemalloc.start(64)  # deep enough to see api/ code above processor/wire.py's copy
+    try:
+        reply = call.future(raw, timeout=30)  # our C-level send copy is not traced
+        assert held.arrived.wait(timeout=10)
+        snapshot = tracemalloc.take_snapshot()
+        held.release.set()
+        assert reply.result().content == b"scaled"
+    finally:
+        tracemalloc.stop()
+        held.release.set()
+        channel.close()
+        held.server.stop(0)
+    assert len(image) <= _allocated_by_the_api(snapshot) < len(image) * 3 // 2  # forwarded copy
+
+
+def _allocated_by_the_api(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes allocated with code of the ``api`` package on the stack (not the stand-in's)."""
+    ours = str(Path(api.__file__).parent) + "/"
+    traces = snapshot.traces
+    return sum(t.size for t in traces if any(f.filename.startswith(ours) for f in t.traceback))
