@@ -29,6 +29,11 @@ def color(text: str) -> int:
     return int(digits, 16)
 
 
+def color_text(value: int) -> str:
+    """What :func:`color` reads back as ``value``."""
+    return f"#{value:06x}"
+
+
 def margin(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -183,7 +188,7 @@ class ApiSettings:
         """The effective configuration for the startup log (file paths, never contents)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["allow_source_cidr"] = [str(n) for n in self.allow_source_cidr]
-        values["pad_color"] = f"#{self.pad_color:06x}"
+        values["pad_color"] = color_text(self.pad_color)
         for key in ("ratelimit_storage", "revocations", "result_store"):
             values[key] = _redact(values[key])
         return values
@@ -259,8 +264,9 @@ def build_options() -> opt.Options:
         "API replicas times this)",
         opt.byte_size,
         "BYTES",
+        show=opt.byte_size_text,
     )
-    add("target-size", (1024, 768), "output size", opt.size, "WxH")
+    add("target-size", (1024, 768), "output size", opt.size, "WxH", show=opt.size_text)
     add("grayscale", True, "convert to grayscale", kind="bool")
     add(
         "margin",
@@ -277,7 +283,7 @@ def build_options() -> opt.Options:
         opt.choice(*FITS),
         "MODE",
     )
-    add("pad-color", 0, "letterbox colour for --fit pad", color, "#RRGGBB")
+    add("pad-color", 0, "letterbox colour for --fit pad", color, "#RRGGBB", show=color_text)
     add("format", "jpeg", "output format: jpeg, png or webp", opt.choice(*FORMATS), "FORMAT")
     add("quality", 85, "JPEG/WebP quality 1-100", opt.quality, "Q")
     add(
@@ -286,6 +292,7 @@ def build_options() -> opt.Options:
         "largest accepted image, inline or fetched",
         opt.byte_size,
         "BYTES",
+        show=opt.byte_size_text,
     )
     add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
     add("fetch-timeout", 20.0, "total seconds for fetching a URL source", opt.positive_float, "S")

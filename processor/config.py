@@ -115,6 +115,7 @@ def build_options() -> opt.Options:
         "largest accepted image (e.g. 32MB)",
         opt.byte_size,
         "BYTES",
+        show=opt.byte_size_text,
     )
     o.add("max-pixels", 64_000_000, "largest accepted declared pixel count", opt.positive_int, "N")
     o.add(
@@ -124,6 +125,7 @@ def build_options() -> opt.Options:
         "needing more is refused for good, one not fitting beside the others as at capacity",
         opt.byte_size,
         "BYTES",
+        show=opt.byte_size_text,
     )
     o.add(
         "max-connection-age",

@@ -70,10 +70,12 @@ class Options:
         convert: Callable[[str], Any] = str,
         metavar: str | None = None,
         kind: str = "value",
+        show: Callable[[Any], str] = str,
     ) -> None:
-        """Register ``--flag``; ``convert`` turns a string (flag, env or file) into the value."""
+        """Register ``--flag``; ``convert`` turns a string (flag, env or file) into the value,
+        ``show`` a value (a list's item) back into that string, for the help's default."""
         dest = flag.replace("-", "_")
-        shown = "" if default in (None, [], "") else f"; default {_show(default)}"
+        shown = "" if default in (None, [], "") else f"; default {_show(default, show)}"
         text = f"{help} (env {env_name(flag)}{shown})"
         if kind == "bool":
             self.parser.add_argument(
@@ -194,12 +196,13 @@ def _argparse_type(flag: str, convert: Callable[[str], Any]) -> Callable[[str], 
     return checked
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, show: Callable[[Any], str]) -> str:
+    """A default as the option reads it (switches and lists as in the environment)."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+        return ",".join(map(show, value))
+    return show(value)
 
 
 # Converters shared by the services' settings.
@@ -222,6 +225,11 @@ def size(text: str) -> tuple[int, int]:
     if not (0 < w <= 16384 and 0 < h <= 16384):
         raise ValueError(f"both sides must be between 1 and 16384, got {text!r}")
     return w, h
+
+
+def size_text(value: tuple[int, int]) -> str:
+    """What :func:`size` reads back as ``value``."""
+    return f"{value[0]}x{value[1]}"
 
 
 def port(text: str) -> int:
@@ -295,6 +303,14 @@ def byte_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"must be positive, got {text!r}")
     return value
+
+
+def byte_size_text(value: int) -> str:
+    """What :func:`byte_size` reads back as ``value``, in the largest exact unit (``32MB``)."""
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if value and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
