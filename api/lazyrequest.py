@@ -72,6 +72,11 @@ def _reading_last(behaviour: Behaviour, default: float, cap: float) -> Behaviour
             if watched is not None and watched.fired:
                 log.warning("request body not received in time: call cancelled")
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request body not received")
+            if not context.peer():
+                # gRPC refused a message over grpc.max_receive_message_length and answered
+                # RESOURCE_EXHAUSTED itself; the call it tore down has no peer left (a caller
+                # that cancels keeps its). Recorded as what the caller got, not as CANCELLED.
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large")
             context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
         finally:
             if watched is not None:

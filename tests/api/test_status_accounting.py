@@ -8,6 +8,7 @@ wrappers read that as OK while gRPC answered UNKNOWN (a review found it with a J
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from api.accesslog import AccessLogInterceptor
+from api.lazyrequest import LazyRequestInterceptor
 from processor import serving
 from processor.metrics import GrpcMetrics, MetricsInterceptor
 
 METHOD = "/test.Svc/Call"
+LIMIT = 1000  # grpc.max_receive_message_length
 
 
 def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -35,20 +38,54 @@ class Handlers(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(behaviour)
 
 
+class Logged(list[str]):
+    """The access log's codes; ``event`` is set once one is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def write(self, code: str, fields: Any) -> None:
+        self.append(code)
+        self.event.set()
+
+
+class Entered(grpc.ServerInterceptor):
+    """Sets ``event`` when a stream-unary behaviour starts (before it reads its request)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        inner = handler.stream_unary
+
+        def behaviour(requests: Any, context: grpc.ServicerContext) -> Any:
+            self.event.set()
+            return inner(requests, context)
+
+        return handler._replace(stream_unary=behaviour)
+
+
+ENTERED = Entered()
+
+
 @pytest.fixture
-def served() -> Iterator[tuple[grpc.UnaryUnaryMultiCallable, CollectorRegistry, list[str]]]:
-    registry, logged = CollectorRegistry(), []
+def served() -> Iterator[tuple[grpc.Channel, CollectorRegistry, Logged]]:
+    registry, logged = CollectorRegistry(), Logged()
     interceptors = [
+        AccessLogInterceptor(logged.write),  # outermost: written once metrics have counted
         MetricsInterceptor(GrpcMetrics(registry)),
-        AccessLogInterceptor(lambda code, fields: logged.append(code)),
+        ENTERED,
+        LazyRequestInterceptor(("test.Svc",), 30, 300),  # the API's innermost, reads last
     ]
-    server = serving.new_server(2, None, [], interceptors)
+    server = serving.new_server(2, None, [("grpc.max_receive_message_length", LIMIT)], interceptors)
     server.add_generic_rpc_handlers((Handlers(),))
     port = serving.bind(server, "127.0.0.1:0", None)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield channel.unary_unary(METHOD), registry, logged
+        yield channel, registry, logged
     finally:
         channel.close()
         server.stop(None).wait()
@@ -62,19 +99,47 @@ def handled(registry: CollectorRegistry, code: str) -> float:
 
 @pytest.mark.parametrize(
     ("request_", "code"),
-    [(b"fine", "OK"), (b"abort", "INVALID_ARGUMENT"), (b"raise", "UNKNOWN")],
+    [
+        (b"fine", "OK"),
+        (b"abort", "INVALID_ARGUMENT"),
+        (b"raise", "UNKNOWN"),
+        (bytes(LIMIT + 1), "RESOURCE_EXHAUSTED"),  # refused by gRPC itself: was CANCELLED
+    ],
 )
 def test_the_status_recorded_is_the_status_sent(
     served: Any, request_: bytes, code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    call, registry, logged = served
+    channel, registry, logged = served
     caplog.set_level(logging.CRITICAL)  # gRPC logs the handler's exception
     try:
-        call(request_, timeout=10)
+        channel.unary_unary(METHOD)(request_, timeout=10)
         sent = "OK"
     except grpc.RpcError as exc:
         sent = exc.code().name
     assert sent == code
     assert logged == [code]
     assert handled(registry, code) == 1
-    assert sum(handled(registry, c) for c in ("OK", "INVALID_ARGUMENT", "UNKNOWN")) == 1
+    codes = ("OK", "INVALID_ARGUMENT", "UNKNOWN", "RESOURCE_EXHAUSTED", "CANCELLED")
+    assert sum(handled(registry, c) for c in codes) == 1
+
+
+def test_a_caller_that_cancels_before_its_message_is_recorded_as_cancelled(
+    served: Any,
+) -> None:
+    """The other side of the size refusal above: a real cancel stays CANCELLED."""
+    channel, registry, logged = served
+    ENTERED.event.clear()
+    gate = threading.Event()
+
+    def held() -> Iterator[bytes]:
+        gate.wait(10)
+        return
+        yield b""
+
+    future = channel.stream_unary(METHOD).future(held(), timeout=10)
+    assert ENTERED.event.wait(10)  # the API is waiting for the message
+    future.cancel()
+    gate.set()
+    assert logged.event.wait(10)
+    assert logged == ["CANCELLED"]
+    assert handled(registry, "CANCELLED") == 1
