@@ -32,6 +32,7 @@ from api.service import Deadline
 log = logging.getLogger(__name__)
 
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+END_GRACE = 0.5  # s a call without a message may take to show it was cancelled
 
 
 class LazyRequestInterceptor(grpc.ServerInterceptor):
@@ -72,20 +73,40 @@ def _reading_last(behaviour: Behaviour, default: float, cap: float) -> Behaviour
             if watched is not None and watched.fired:
                 log.warning("request body not received in time: call cancelled")
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request body not received")
-            if not context.peer():
-                # gRPC refused a message over grpc.max_receive_message_length and answered
-                # RESOURCE_EXHAUSTED itself; the call it tore down has no peer left (a caller
-                # that cancels keeps its). Recorded as what the caller got, not as CANCELLED.
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large")
+            _refused_by_grpc(context)
             context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
         finally:
             if watched is not None:
                 watched.context = None
         if request is None:  # the client half-closed without a message, or the call ended
+            _refused_by_grpc(context)
+            if _ends_soon(context):
+                context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
         return behaviour(request, context)
 
     return read_then_handle
+
+
+def _ends_soon(context: grpc.ServicerContext) -> bool:
+    """Whether the call ends within END_GRACE: a read that found no message is a client that
+    half-closed without one (the call stays open for the answer) or a call that ended, whose
+    end gRPC reports a moment after the read."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):
+        return True  # already over
+    return ended.wait(END_GRACE)
+
+
+def _refused_by_grpc(context: grpc.ServicerContext) -> None:
+    """Abort as RESOURCE_EXHAUSTED if gRPC refused the message for its size.
+
+    gRPC answers a message over ``grpc.max_receive_message_length`` with RESOURCE_EXHAUSTED
+    itself and tears the call down, leaving it no peer (a caller that cancels keeps its); the
+    read then fails or finds no message. Recorded as what the caller got.
+    """
+    if not context.peer():
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large")
 
 
 class _Watch:
