@@ -73,6 +73,11 @@ def status_code(exc: ServiceError) -> grpc.StatusCode:
     return exc.code
 
 
+# s: the server's time_remaining() runs ahead of the caller's clock (transit, and the timeout
+# header's rounding), and the retried call needs some time of its own.
+PUSHBACK_MARGIN = 0.25
+
+
 def retry_hints(seconds: int, time_remaining: float | None) -> tuple[tuple[str, str], ...]:
     """Trailing metadata for a refusal that may succeed after ``seconds``.
 
@@ -82,7 +87,7 @@ def retry_hints(seconds: int, time_remaining: float | None) -> tuple[tuple[str, 
     first, the pushback says "do not retry": gRPC would wait out the deadline and report
     DEADLINE_EXCEEDED instead of this refusal.
     """
-    fits = time_remaining is None or time_remaining > seconds
+    fits = time_remaining is None or time_remaining > seconds + PUSHBACK_MARGIN
     return (
         ("retry-after", str(seconds)),
         ("grpc-retry-pushback-ms", str(seconds * 1000) if fits else "-1"),

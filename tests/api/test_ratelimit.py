@@ -546,8 +546,9 @@ def test_no_limits_configured_means_no_storage_calls(make_limiter) -> None:
     assert limiter.failures == 0
 
 
+@pytest.mark.parametrize("timeout", [0.5, 1.05])  # 1.05: the retry would have no time left
 def test_grpc_retries_do_not_hammer_a_refusal_they_cannot_outwait(
-    start_redis, make_limiter, serve
+    start_redis, make_limiter, serve, timeout: float
 ) -> None:
     """The client's retry policy would retry UNAVAILABLE after 0.1 s into the same refusal; the
     pushback tells it to wait the retry-after, or, when its deadline comes first, not to retry
@@ -561,7 +562,7 @@ def test_grpc_retries_do_not_hammer_a_refusal_they_cannot_outwait(
         stub = imagescaler_pb2_grpc.ImageScalerStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ScaleImage(
-                pb.ScaleImageRequest(), metadata=[("x-test-tenant", tenant)], timeout=0.5
+                pb.ScaleImageRequest(), metadata=[("x-test-tenant", tenant)], timeout=timeout
             )
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
