@@ -135,9 +135,12 @@ class ScalerService:
             raise InvalidInput(MALFORMED)
         s = self.settings
         deadline = Deadline.of(context, s.deadline, s.max_deadline)
-        delivery = delivery_for(request.message.delivery, current().tenant)
-        if delivery.store and not s.result_store:  # before any fetch, charge or work
+        asked = request.message.delivery
+        # Before the tenant's policy (no grant can help) and before any fetch, charge or work;
+        # a registry with `storage: require` is refused at start without a store.
+        if asked in URL_DELIVERIES and not s.result_store:
             raise FailedPrecondition("result storage is not configured on this service")
+        delivery = delivery_for(asked, current().tenant)
         body = self._source(request.message.image, request.body, deadline)
         header = headers.probe(body.data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
@@ -230,6 +233,9 @@ class Delivery:
     store: bool
     inline: bool
     url_asked: bool  # False: stored only because the tenant requires it
+
+
+URL_DELIVERIES = (pb.DELIVERY_URL, pb.DELIVERY_URL_AND_INLINE)
 
 
 def delivery_for(asked: int, tenant: Tenant) -> Delivery:

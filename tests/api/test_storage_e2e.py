@@ -134,19 +134,32 @@ def test_storage_down(
     assert "storage" in exc.value.details()
 
 
+@pytest.mark.parametrize("policy", ["allow", "forbid"])  # forbid: every tenant's default
 def test_url_delivery_without_a_store_is_refused_before_any_work(
-    tmp_path, start_api, processor, service_account
+    tmp_path, start_api, processor, service_account, policy
 ) -> None:
-    tenants = "tenants: [{id: keeper, scopes: [scale:content, results:store], storage: allow}]"
+    tenants = (
+        f"tenants: [{{id: keeper, scopes: [scale:content, results:store], storage: {policy}}}]"
+    )
     call = start(tmp_path, start_api, processor, None, service_account, tenants)
-    with pytest.raises(grpc.RpcError) as exc:  # not an image: refused before it is looked at
-        call("keeper", ["scale:content", "results:store"], pb.DELIVERY_URL, b"not an image")
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert exc.value.details() == "result storage is not configured on this service"
+    for asked in (pb.DELIVERY_URL, pb.DELIVERY_URL_AND_INLINE):
+        with pytest.raises(grpc.RpcError) as exc:  # not an image: refused before it is looked at
+            call("keeper", ["scale:content", "results:store"], asked, b"not an image")
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert exc.value.details() == "result storage is not configured on this service"
 
 
-def test_legacy_callers_may_not_store(api, sample_jpeg) -> None:
+def test_legacy_callers_may_not_store(
+    start_api, processor, bucket: storage.Bucket, service_account, sample_jpeg
+) -> None:
     """--auth none: every caller is the legacy tenant, whose storage policy is forbid."""
+    api = start_api(
+        dev_api_settings(
+            f"127.0.0.1:{processor.port}",
+            result_store=f"gs://{bucket.name}/legacy",
+            result_signing_key=str(service_account.file),
+        )
+    )
     with (
         grpc.insecure_channel(f"127.0.0.1:{api.port}") as channel,
         pytest.raises(grpc.RpcError) as exc,
