@@ -139,15 +139,24 @@ def _signature(data: bytes) -> str | None:
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     pixels = width * height
     if pixels > max_pixels:
-        raise TooLarge(
-            f"image is {width}x{height} ({_mp(pixels)} MP); the limit is {_mp(max_pixels)} MP"
-        )
+        size, limit = _sizes(pixels, max_pixels)
+        raise TooLarge(f"image is {width}x{height} ({size}); the limit is {limit}")
 
 
 def _bomb_message(pillow_message: str, max_pixels: int) -> str:
     match = _BOMB_PIXELS.search(pillow_message)
-    size = f"{_mp(int(match.group(1)))} MP" if match else "too many pixels"
-    return f"image declares {size}; the limit is {_mp(max_pixels)} MP"
+    if not match:
+        return f"image declares too many pixels; the limit is {_mp(max_pixels)} MP"
+    size, limit = _sizes(int(match.group(1)), max_pixels)
+    return f"image declares {size}; the limit is {limit}"
+
+
+def _sizes(pixels: int, max_pixels: int) -> tuple[str, str]:
+    """Both in megapixels, or in pixels where rounding would show them equal (64 MP vs 64)."""
+    size, limit = _mp(pixels), _mp(max_pixels)
+    if size == limit:
+        return f"{pixels:,} pixels", f"{max_pixels:,} pixels"
+    return f"{size} MP", f"{limit} MP"
 
 
 def _mp(pixels: int) -> str:

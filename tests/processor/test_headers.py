@@ -100,6 +100,15 @@ def test_bombs_are_refused_from_the_header(images, make, message):
         check(make(images))
 
 
+def test_a_size_just_over_the_limit_does_not_read_as_the_limit(images):
+    """8001x8000 is 64.008 MP: 'image is ... (64 MP); the limit is 64 MP' said nothing."""
+    with pytest.raises(TooLarge) as refused:
+        check(images.png_header_only(8001, 8000))
+    assert str(refused.value) == (
+        "image is 8001x8000 (64,008,000 pixels); the limit is 64,000,000 pixels"
+    )
+
+
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
