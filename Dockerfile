@@ -47,14 +47,16 @@ COPY --from=builder /opt/imagescaler /opt/imagescaler
 # MALLOC_*: measured by imagescaler-bench (docs/benchmarks.md): receiving a 2.45 MB message
 # over mTLS fell from 5.3 to 2.9 ms of CPU, the API's CPU per 12 MP image from ~14.5 to ~10 ms,
 # and RSS per concurrent request from ~25 to ~18 MB. Set all three: setting either threshold
-# alone turns off glibc's dynamic thresholds and is worse.
+# alone turns off glibc's dynamic thresholds and is worse. The mmap threshold (16 MiB) keeps
+# photo-sized buffers on the heap and gives bodies near --max-input-bytes back when freed: 12
+# concurrent 31 MiB uploads left the API at ~310 MiB instead of ~800 (docs/reliability.md 14).
 ENV PATH=/opt/imagescaler/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     GRPC_VERBOSITY=ERROR \
     HOME=/tmp \
     MALLOC_ARENA_MAX=2 \
-    MALLOC_MMAP_THRESHOLD_=67108864 \
+    MALLOC_MMAP_THRESHOLD_=16777216 \
     MALLOC_TRIM_THRESHOLD_=268435456
 
 USER 10001:10001

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 # munmap) or a heap grow-and-trim; docs/benchmarks.md has the numbers.
 ALLOCATOR = {
     "MALLOC_ARENA_MAX": "2",
-    "MALLOC_MMAP_THRESHOLD_": "67108864",
+    "MALLOC_MMAP_THRESHOLD_": "16777216",
     "MALLOC_TRIM_THRESHOLD_": "268435456",
 }
 SERVER = {"GRPC_VERBOSITY": "ERROR", **ALLOCATOR}
