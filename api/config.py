@@ -359,8 +359,9 @@ def build_options() -> opt.Options:
     add(
         "ratelimit-strategy",
         "sliding-window-counter",
-        "sliding-window-counter (2 Redis keys per limit) or moving-window (exact, one sorted "
-        "set entry per request)",
+        "sliding-window-counter (2 Redis keys per limit), moving-window (exact, one sorted "
+        "set entry per request) or fixed-window (1 key, bursts of twice the limit at a window's "
+        "edge)",
         opt.choice("sliding-window-counter", "moving-window", "fixed-window"),
         "NAME",
     )
