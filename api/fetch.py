@@ -20,7 +20,9 @@ The caller chooses the URL, so every hop is treated as hostile (server-side requ
 * the body is streamed under a byte cap, compression is neither asked for nor accepted, and a
   content type that is clearly not an image is refused before the body is read;
 * one deadline, ``min(policy.total_timeout, timeout)``, bounds resolution, connects, every
-  socket read (so a one-byte-per-second origin is cut at the deadline) and all redirects.
+  socket read (so a one-byte-per-second origin is cut at the deadline) and all redirects;
+* a fetch for a gRPC call stops as soon as the call ends (cancelled, connection lost): its
+  sockets are shut down and a waiting resolution is woken, so it frees the tenant's slot.
 
 Errors (from :mod:`processor.errors`; messages never name internal addresses):
 
@@ -33,7 +35,9 @@ Errors (from :mod:`processor.errors`; messages never name internal addresses):
   (transient: the origin may work later);
 * ``TooLarge``: the body exceeds ``max_bytes`` (declared or while streaming), or the response
   as a whole (interim responses, headers, chunk framing, trailers) exceeds twice that;
-* ``DeadlineExceeded``: a connect or read timeout, or the total deadline passed.
+* ``DeadlineExceeded``: a connect or read timeout, or the total deadline passed;
+* ``Cancelled`` (or ``DeadlineExceeded``, by :func:`processor.errors.check_caller`): the call
+  ended while its image was being fetched.
 """
 
 from __future__ import annotations
@@ -52,16 +56,19 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 from processor.errors import (
+    Caller,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
     ServiceError,
     TooLarge,
     Unavailable,
+    check_caller,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -73,6 +80,7 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 BLOCKED_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.goog"})
 GENERIC_BINARY_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
 _READ_CHUNK = 64 * 1024
+FETCHING = "waited for its URL source"  # check_caller: "... cancelled while it waited for ..."
 
 # Explicit lists, because ipaddress.is_global varies across Python patch releases and calls
 # multicast, ::a.b.c.d and 64:ff9b::/96 "global" in 3.11.
@@ -340,9 +348,79 @@ class _Clock:
         return min(limit, left)
 
 
-def _resolve_within(resolver: Resolver, host: str, port: int, clock: _Clock) -> list[str]:
-    """Run the resolver in a daemon thread so a stuck DNS lookup cannot outlive the deadline."""
+class Call(Caller, Protocol):
+    """The gRPC call a fetch is for (``grpc.ServicerContext`` is one)."""
+
+    def add_callback(self, callback: Callable[[], None]) -> bool: ...
+
+
+class _Hangup:
+    """Ends a fetch's blocking steps when its call ends: gRPC runs :meth:`end` then (on its
+    own thread, no thread of ours), which shuts the fetch's sockets down, so that a blocked
+    connect, TLS handshake or read returns at once, and wakes a waiting resolution.
+
+    A socket is shut down through a duplicate of its descriptor, closed here under the lock:
+    a descriptor that http.client has closed, and the process reused, is never touched.
+    """
+
+    def __init__(self, call: Call | None) -> None:
+        self._watched = call is not None
+        self._lock = threading.Lock()
+        self._wakers: list[Callable[[], object]] = []
+        self._duplicates: list[socket.socket] = []
+        self._ended = call is not None and not call.add_callback(self.end)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            for wake in self._wakers:
+                with contextlib.suppress(OSError):
+                    wake()
+
+    def watch(self, wake: Callable[[], object]) -> None:
+        """Run ``wake`` when the call ends; no next step starts once it has."""
+        with self._lock:
+            if self._ended:
+                raise Cancelled("the call ended while its URL source was fetched")
+            self._wakers.append(wake)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the call ends (until :meth:`release`)."""
+        if not self._watched:
+            return
+        duplicate = sock.dup()
+        try:
+            self.watch(functools.partial(duplicate.shutdown, socket.SHUT_RDWR))
+        except BaseException:
+            duplicate.close()
+            raise
+        self._duplicates.append(duplicate)
+
+    def release(self) -> None:
+        """The exchange is over: its sockets are no longer ours to shut down."""
+        with self._lock:
+            self._wakers.clear()
+            for duplicate in self._duplicates:
+                duplicate.close()
+            self._duplicates.clear()
+
+
+@contextlib.contextmanager
+def _released(hangup: _Hangup) -> Iterator[None]:
+    """One exchange: its sockets are watched until it ends (each redirect has its own)."""
+    try:
+        yield
+    finally:
+        hangup.release()
+
+
+def _resolve_within(
+    resolver: Resolver, host: str, port: int, clock: _Clock, hangup: _Hangup
+) -> list[str]:
+    """Run the resolver in a daemon thread so a stuck DNS lookup cannot outlive the deadline
+    (or the call)."""
     box: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    hangup.watch(lambda: box.put((False, Cancelled("the call ended during resolution"))))
 
     def run() -> None:
         try:
@@ -409,9 +487,16 @@ class _DeadlineResponse(http.client.HTTPResponse):
 class _Connection(http.client.HTTPConnection):
     """HTTP to an address that was already checked; Host still names the original host."""
 
-    def __init__(self, url: SourceURL, addresses: list[IPAddress], clock: _Clock, p: FetchPolicy):
+    def __init__(
+        self,
+        url: SourceURL,
+        addresses: list[IPAddress],
+        clock: _Clock,
+        p: FetchPolicy,
+        hangup: _Hangup,
+    ):
         super().__init__(url.host, url.port)
-        self._addresses, self._clock, self._policy = addresses, clock, p
+        self._addresses, self._clock, self._policy, self._hangup = addresses, clock, p, hangup
         self.response_class = functools.partial(  # type: ignore[assignment]
             _DeadlineResponse, clock=clock, limit=p.read_timeout, budget=_wire_budget(p.max_bytes)
         )
@@ -423,7 +508,7 @@ class _Connection(http.client.HTTPConnection):
         error: OSError = ConnectionError("no address")
         for address in self._addresses:
             try:
-                return _open_socket(address, self.port, self._clock, self._policy)
+                return _open_socket(address, self.port, self._clock, self._policy, self._hangup)
             except _DeadlinePassed:
                 raise
             except OSError as exc:
@@ -467,11 +552,12 @@ def _tls_alert(exc: BaseException) -> bool:
 
 
 def _open_socket(
-    address: IPAddress, port: int, clock: _Clock, policy: FetchPolicy
+    address: IPAddress, port: int, clock: _Clock, policy: FetchPolicy, hangup: _Hangup
 ) -> socket.socket:
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        hangup.adopt(sock)
         sock.settimeout(clock.bound(policy.connect_timeout))
         sock.connect((str(address), port))
         sock.settimeout(clock.bound(policy.read_timeout))
@@ -507,20 +593,28 @@ class Fetcher:
         self._resolver = resolver or system_resolver
         self._ssl = ssl_context  # the system default is built on first https use (~20 ms)
 
-    def fetch(self, url: str, timeout: float) -> Fetched:
-        """Fetch ``url`` within ``timeout`` seconds (what is left of the caller's deadline)."""
+    def fetch(self, url: str, timeout: float, call: Call | None = None) -> Fetched:
+        """Fetch ``url`` within ``timeout`` seconds (what is left of the caller's deadline);
+        a fetch whose ``call`` ends stops at once, whatever it was waiting for."""
         clock = _Clock.begin(min(self._policy.total_timeout, timeout))
+        hangup = _Hangup(call)
         try:
-            return self._follow(url, clock)
+            fetched = self._follow(url, clock, hangup)
         except ServiceError:
+            check_caller(call, FETCHING)
             raise
         except (OSError, http.client.HTTPException) as exc:
+            check_caller(call, FETCHING)  # the hangup's own doing, not the origin's
             raise _translate(exc, clock) from exc
+        finally:
+            hangup.release()
+        check_caller(call, FETCHING)  # a body without a length, cut short, looks whole
+        return fetched
 
-    def _follow(self, url: str, clock: _Clock) -> Fetched:
+    def _follow(self, url: str, clock: _Clock, hangup: _Hangup) -> Fetched:
         for hop in range(self._policy.max_redirects + 1):
-            source, addresses = self._checked(url, clock, redirected=hop > 0)
-            reply = self._exchange(source, addresses, clock)
+            source, addresses = self._checked(url, clock, hangup, redirected=hop > 0)
+            reply = self._exchange(source, addresses, clock, hangup)
             if isinstance(reply, Fetched):
                 return reply
             try:
@@ -532,18 +626,18 @@ class Fetcher:
         )
 
     def _checked(
-        self, url: str, clock: _Clock, redirected: bool
+        self, url: str, clock: _Clock, hangup: _Hangup, redirected: bool
     ) -> tuple[SourceURL, list[IPAddress]]:
         """Validate one hop; a refused redirect says so, so callers can tell the hops apart."""
         try:
             source = parse_source_url(url)
-            return source, self._destination(source, clock)
+            return source, self._destination(source, clock, hangup)
         except InvalidInput as exc:
             if redirected:
                 raise InvalidInput(f"redirect refused: {exc}") from None
             raise
 
-    def _destination(self, source: SourceURL, clock: _Clock) -> list[IPAddress]:
+    def _destination(self, source: SourceURL, clock: _Clock, hangup: _Hangup) -> list[IPAddress]:
         """Resolve and check the host; return the addresses to connect to (all checked)."""
         policy = self._policy
         port_free = source.port in policy.allowed_ports
@@ -552,7 +646,7 @@ class Fetcher:
         if source.host in BLOCKED_NAMES:
             raise InvalidInput("URL host not allowed")
         literal = source.literal
-        addresses = [literal] if literal is not None else self._resolve(source, clock)
+        addresses = [literal] if literal is not None else self._resolve(source, clock, hangup)
         if not all(address_allowed(a, policy.allow_cidrs) for a in addresses):
             raise InvalidInput("URL host resolves to an address that is not allowed")
         canonical = [_canonical(a) for a in addresses]
@@ -560,8 +654,8 @@ class Fetcher:
             raise InvalidInput("URL port not allowed")
         return canonical
 
-    def _resolve(self, source: SourceURL, clock: _Clock) -> list[IPAddress]:
-        texts = _resolve_within(self._resolver, source.host, source.port, clock)
+    def _resolve(self, source: SourceURL, clock: _Clock, hangup: _Hangup) -> list[IPAddress]:
+        texts = _resolve_within(self._resolver, source.host, source.port, clock, hangup)
         if not texts:
             raise Unavailable("URL host has no addresses (DNS; may be transient)")
         try:
@@ -570,9 +664,10 @@ class Fetcher:
             raise InvalidInput("URL host resolves to an address that is not allowed") from None
 
     def _exchange(
-        self, source: SourceURL, addresses: list[IPAddress], clock: _Clock
+        self, source: SourceURL, addresses: list[IPAddress], clock: _Clock, hangup: _Hangup
     ) -> Fetched | _Redirect:
-        with contextlib.closing(self._connection(source, addresses, clock)) as conn:
+        connection = self._connection(source, addresses, clock, hangup)
+        with contextlib.closing(connection) as conn, _released(hangup):
             conn.request("GET", source.target, headers=self._headers())
             with contextlib.closing(conn.getresponse()) as response:
                 if response.status in REDIRECT_STATUSES:
@@ -582,13 +677,14 @@ class Fetcher:
         return Fetched(data, source.redacted, content_type, time.monotonic() - clock.start)
 
     def _connection(
-        self, source: SourceURL, addresses: list[IPAddress], clock: _Clock
+        self, source: SourceURL, addresses: list[IPAddress], clock: _Clock, hangup: _Hangup
     ) -> _Connection:
+        p = self._policy
         if source.scheme == "https":
             if self._ssl is None:  # a benign race: two threads may both build one
                 self._ssl = ssl.create_default_context()
-            return _TLSConnection(source, addresses, clock, self._policy, context=self._ssl)
-        return _Connection(source, addresses, clock, self._policy)
+            return _TLSConnection(source, addresses, clock, p, hangup, context=self._ssl)
+        return _Connection(source, addresses, clock, p, hangup)
 
     def _headers(self) -> dict[str, str]:
         return {

@@ -141,7 +141,7 @@ class ScalerService:
         if asked in URL_DELIVERIES and not s.result_store:
             raise FailedPrecondition("result storage is not configured on this service")
         delivery = delivery_for(asked, current().tenant)
-        body = self._source(request.message.image, request.body, deadline)
+        body = self._source(request.message.image, request.body, deadline, context)
         header = headers.probe(body.data, s.max_input_bytes, s.max_pixels)
         self.limiter.charge_pixels(current().tenant_id, header.pixels / 1e6)
         decision = decide(header.oriented_size, s.target_size, s.margin, s.grayscale)
@@ -196,8 +196,11 @@ class ScalerService:
             )
         )
 
-    def _source(self, image: pb.Image, content: Body, deadline: Deadline) -> Body:
-        """Inline bytes win over a URL, as the contract says."""
+    def _source(
+        self, image: pb.Image, content: Body, deadline: Deadline, context: grpc.ServicerContext
+    ) -> Body:
+        """Inline bytes win over a URL, as the contract says; a fetch stops when the call ends
+        (a cancelled call held its tenant's slot for the whole --fetch-timeout)."""
         if content.data:
             require_scope(SCOPE_CONTENT)
             accesslog.note(source="content")
@@ -205,7 +208,7 @@ class ScalerService:
         if image.HasField("source") and image.source.http_uri:
             require_scope(SCOPE_URL)
             accesslog.note(source="url")
-            fetched = self.fetcher.fetch(image.source.http_uri, deadline.remaining())
+            fetched = self.fetcher.fetch(image.source.http_uri, deadline.remaining(), context)
             accesslog.note(fetch_ms=round(fetched.elapsed * 1000, 1))
             return Body(fetched.data)
         raise InvalidInput("no image: set image.content or image.source.http_uri")

@@ -30,12 +30,14 @@ from api.fetch import (
 )
 from api.server import fetch_policy
 from processor.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
     TooLarge,
     Unavailable,
 )
+from tests.callers import FakeCaller
 
 if TYPE_CHECKING:
     from tests.api.conftest import ConnectLog, Origin, Route, TLSFiles
@@ -1079,3 +1081,116 @@ def test_every_ipv4_notation_is_the_same_address(value: int, style: int, parts: 
         return
     with pytest.raises(InvalidInput, match="not allowed"):
         Fetcher(FetchPolicy(), StubResolver()).fetch(f"http://{_spell(value, style, parts)}/", 1.0)
+
+
+# --- a call that ends -----------------------------------------------------------------------------
+
+
+class FakeCall(FakeCaller):
+    """A gRPC call as a fetch sees it: ended from another thread, which runs its callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        if self._ended is not None:
+            return False
+        self.callbacks.append(callback)
+        return True
+
+    def end(self, how: str) -> None:
+        if how == "cancelled":
+            self.cancel()
+        else:
+            self.expire()
+        for callback in self.callbacks:
+            callback()
+
+
+def ended_when(event: threading.Event, call: FakeCall, how: str = "cancelled") -> None:
+    """End ``call`` from another thread once ``event`` is set (e.g. the origin got the request)."""
+
+    def end() -> None:
+        if event.wait(10):
+            call.end(how)
+
+    threading.Thread(target=end, daemon=True).start()
+
+
+def announced(route: Route, arrived: threading.Event) -> Route:
+    def write(h: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        arrived.set()
+        route(h, stop)
+
+    return write
+
+
+def _ended(fetch: Fetcher, url: str, call: FakeCall, kind: type[Exception]) -> float:
+    started = time.monotonic()
+    with pytest.raises(kind):
+        fetch.fetch(url, timeout=30.0, call=call)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("route", "how", "kind"),
+    [
+        (silent, "cancelled", Cancelled),
+        (drip(0.05), "cancelled", Cancelled),  # no length: the cut body looks whole
+        (silent, "deadline", DeadlineExceeded),
+    ],
+    ids=["silent", "trickle", "deadline"],
+)
+def test_a_fetch_stops_when_its_call_ends(
+    origin: Origin, route: Route, how: str, kind: type[Exception]
+) -> None:
+    """It held its worker and its tenant's slot until the read timeout or the fetch budget."""
+    arrived, call = threading.Event(), FakeCall()
+    origin.routes["/img"] = announced(route, arrived)
+    ended_when(arrived, call, how)
+    elapsed = _ended(fetcher(read_timeout=20.0, total_timeout=20.0), origin.url(), call, kind)
+    assert arrived.is_set() and elapsed < SLACK * 2
+
+
+@dataclass
+class HeldResolver(StubResolver):
+    """Answers only once ``release`` is set; ``asked`` is set by the first lookup."""
+
+    asked: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        self.asked.set()
+        self.release.wait(30)
+        return ["127.0.0.1"]
+
+
+def test_a_stuck_resolution_stops_when_its_call_ends(connect_log: ConnectLog) -> None:
+    call, resolver = FakeCall(), HeldResolver()
+    ended_when(resolver.asked, call)
+    try:
+        fetch = Fetcher(policy(total_timeout=20.0), resolver)
+        assert _ended(fetch, "http://slow-dns.test/", call, Cancelled) < SLACK * 2
+    finally:
+        resolver.release.set()
+    assert resolver.calls == ["slow-dns.test"] and connect_log.attempts == []
+
+
+def test_a_call_that_has_ended_fetches_nothing(origin: Origin, connect_log: ConnectLog) -> None:
+    origin.routes["/img"] = reply()
+    call = FakeCall()
+    call.cancel()
+    _ended(fetcher(), origin.url(), call, Cancelled)
+    assert connect_log.attempts == [] and origin.connections == 0
+
+
+def test_a_fetch_for_a_live_call_is_unchanged(origin: Origin) -> None:
+    """Its callback, run when the call ends after the fetch, touches nothing of the fetch's."""
+    origin.routes["/a"] = redirect("/img")
+    origin.routes["/img"] = reply()
+    call = FakeCall()
+    assert fetcher().fetch(origin.url("/a"), timeout=3.0, call=call).data == PNG
+    assert len(call.callbacks) == 1
+    call.end("cancelled")
