@@ -23,11 +23,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from api.service import Deadline
+from processor.errors import DEADLINE_SLACK
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,13 @@ def _reading_last(behaviour: Behaviour, default: float, cap: float) -> Behaviour
             if watched is not None and watched.fired:
                 log.warning("request body not received in time: call cancelled")
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request body not received")
-            _refused_by_grpc(context)
-            context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
+            _abort_ended(context)
         finally:
             if watched is not None:
                 watched.context = None
         if request is None:  # the client half-closed without a message, or the call ended
-            _refused_by_grpc(context)
             if _ends_soon(context):
-                context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
+                _abort_ended(context)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
         return behaviour(request, context)
 
@@ -89,24 +88,34 @@ def _reading_last(behaviour: Behaviour, default: float, cap: float) -> Behaviour
 
 
 def _ends_soon(context: grpc.ServicerContext) -> bool:
-    """Whether the call ends within END_GRACE: a read that found no message is a client that
-    half-closed without one (the call stays open for the answer) or a call that ended, whose
-    end gRPC reports a moment after the read."""
+    """Whether the call ends within END_GRACE or by its deadline: a read that found no
+    message is a client that half-closed without one (the call stays open for the answer) or
+    a call that ended, whose end gRPC reports a moment after the read."""
     ended = threading.Event()
     if not context.add_callback(ended.set):
         return True  # already over
-    return ended.wait(END_GRACE)
+    left = context.time_remaining()
+    if ended.wait(END_GRACE if left is None else max(0.0, min(END_GRACE, left - DEADLINE_SLACK))):
+        return True
+    left = context.time_remaining()
+    return left is not None and left <= DEADLINE_SLACK
 
 
-def _refused_by_grpc(context: grpc.ServicerContext) -> None:
-    """Abort as RESOURCE_EXHAUSTED if gRPC refused the message for its size.
+def _abort_ended(context: grpc.ServicerContext) -> NoReturn:
+    """Abort a call that ended before its message arrived with what the caller got.
 
-    gRPC answers a message over ``grpc.max_receive_message_length`` with RESOURCE_EXHAUSTED
-    itself and tears the call down, leaving it no peer (a caller that cancels keeps its); the
-    read then fails or finds no message. Recorded as what the caller got.
+    Its deadline passed (DEADLINE_EXCEEDED), or gRPC refused a message over
+    ``grpc.max_receive_message_length`` (it answers RESOURCE_EXHAUSTED itself and tears the
+    call down: no peer is left, which a deadline does too, hence the order), or the caller
+    cancelled (it keeps its peer).
     """
+    left = context.time_remaining()
+    if left is not None and left <= DEADLINE_SLACK:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request message not received in time")
     if not context.peer():
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "request message too large")
+    context.abort(grpc.StatusCode.CANCELLED, "client cancelled the request")
+    raise AssertionError("abort returned")  # pragma: no cover
 
 
 class _Watch:

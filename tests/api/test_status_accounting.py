@@ -123,10 +123,17 @@ def test_the_status_recorded_is_the_status_sent(
     assert sum(handled(registry, c) for c in codes) == 1
 
 
-def test_a_caller_that_cancels_before_its_message_is_recorded_as_cancelled(
-    served: Any,
+@pytest.mark.parametrize(
+    ("timeout", "cancel", "code"),
+    [
+        (10, True, "CANCELLED"),  # a real cancel keeps its peer
+        (0.5, False, "DEADLINE_EXCEEDED"),  # a deadline leaves none either: not "too large"
+    ],
+)
+def test_a_call_that_ends_before_its_message_is_recorded_as_what_ended_it(
+    served: Any, timeout: float, cancel: bool, code: str
 ) -> None:
-    """The other side of the size refusal above: a real cancel stays CANCELLED."""
+    """The other side of the size refusal above, which gRPC also ends without a peer."""
     channel, registry, logged = served
     ENTERED.event.clear()
     gate = threading.Event()
@@ -136,10 +143,11 @@ def test_a_caller_that_cancels_before_its_message_is_recorded_as_cancelled(
         return
         yield b""
 
-    future = channel.stream_unary(METHOD).future(held(), timeout=10)
+    future = channel.stream_unary(METHOD).future(held(), timeout=timeout)
     assert ENTERED.event.wait(10)  # the API is waiting for the message
-    future.cancel()
-    gate.set()
+    if cancel:
+        future.cancel()
     assert logged.event.wait(10)
-    assert logged == ["CANCELLED"]
-    assert handled(registry, "CANCELLED") == 1
+    gate.set()
+    assert logged == [code]
+    assert handled(registry, code) == 1
