@@ -247,8 +247,15 @@ def deliver(result: Result, args: argparse.Namespace) -> None:
         )
     else:
         data = result.content
-    Path(args.out).write_bytes(data)
+    try:
+        Path(args.out).write_bytes(data)
+    except OSError as exc:  # only the file's: a closed stdout is reader_may_leave's
+        raise OutputError(f"cannot write {args.out}: {exc.strerror}") from exc
     print(f"wrote      {args.out}")
+
+
+class OutputError(Exception):
+    """The result could not be written to ``--out``."""
 
 
 @reader_may_leave
@@ -287,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FetchError as exc:
         print(f"error: fetching the signed URL: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -216,6 +216,32 @@ def test_a_result_that_cannot_be_written_is_an_error_not_a_traceback(
     assert "error: cannot write /dev/full: No space left on device" in err
 
 
+class ReaderLeavesAfterOnePrint(io.StringIO):
+    """A stdout whose reader went away after the first print (``... | head``)."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.writes > 2:  # print() writes its text, then its end
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_reader_that_left_is_not_blamed_on_the_output_file(
+    api, tmp_path: Path, sample_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was 'error: cannot write out.jpg: Broken pipe' (the file was written): the broken pipe
+    must reach reader_may_leave, which ends the command quietly."""
+    photo, out = tmp_path / "photo.jpg", tmp_path / "out.jpg"
+    photo.write_bytes(sample_jpeg)
+    monkeypatch.setattr(sys, "stdout", ReaderLeavesAfterOnePrint())
+    with pytest.raises(BrokenPipeError):
+        client.main.__wrapped__([str(photo), "-o", str(out), "--server", f"127.0.0.1:{api.port}"])
+    with Image.open(out) as im:
+        assert im.size == (1024, 768)
+
+
 def test_a_missing_file_from_a_real_process(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tools.client", str(tmp_path / "nope.jpg"), "--token", "t"],
