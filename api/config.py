@@ -444,7 +444,14 @@ def build_options() -> opt.Options:
         opt.host_port,
         "HOST:PORT",
     )
-    add("metrics-port", 5001, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
+    add(
+        "metrics-port",
+        5001,
+        "Prometheus /metrics port (0 turns metrics off); served on the --listen host if "
+        "that is loopback, else on all interfaces",
+        opt.port,
+        "PORT",
+    )
     add(
         "workers",
         default_api_workers(),

@@ -94,7 +94,14 @@ def build_options() -> opt.Options:
         opt.host_port,
         "HOST:PORT",
     )
-    o.add("metrics-port", 5002, "Prometheus /metrics port (0 turns metrics off)", opt.port, "PORT")
+    o.add(
+        "metrics-port",
+        5002,
+        "Prometheus /metrics port (0 turns metrics off); served on the --listen host if "
+        "that is loopback, else on all interfaces",
+        opt.port,
+        "PORT",
+    )
     o.add(
         "workers",
         default_workers(),
