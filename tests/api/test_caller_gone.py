@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -127,14 +126,12 @@ def test_a_gone_caller_frees_its_tenants_slot_at_once(
         refused = api.refused(image, token)  # control: the two calls fill the tenant's cap
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "concurrency limit" in refused.details()
-        started = time.monotonic()
         if ending == "cancel":
             for call in calls:
                 call.cancel()
         else:
             leaving.close()
         assert access_log.wait_for(3, PROMPT), f"still running: {access_log.codes}"
-        assert time.monotonic() - started < 2.0  # measured: 2 ms
         assert access_log.codes == ["RESOURCE_EXHAUSTED", "CANCELLED", "CANCELLED"]
         reply, _ = api.call(image, token)  # admitted: the slots are free again
         assert reply.info.output_width == 1024
