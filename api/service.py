@@ -26,6 +26,7 @@ from processor.errors import (
     PermissionDenied,
     ServiceError,
     Unavailable,
+    check_caller,
 )
 from processor.pb import processor_pb2 as ppb
 from processor.service import FORMAT_ENUMS, MODE_ENUMS, MODES
@@ -156,6 +157,7 @@ class ScalerService:
         reply = self.processor.process(
             self._job(decision.scale), body, deadline.remaining(), context
         )
+        check_caller(context, "was processed")  # no upload, nor an OK logged, for a gone caller
         accesslog.note(bytes_out=len(reply.image), passthrough=reply.passthrough)
         out = pb.ScaleImageReply(info=info_from(reply))
         if delivery.store:

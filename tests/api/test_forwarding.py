@@ -170,7 +170,7 @@ def test_a_call_waiting_for_room_holds_no_copy_of_its_image() -> None:
     assert peak[0] < len(image) // 2
 
 
-class _HoldingProcessor:
+class HoldingProcessor:
     """A processor stand-in that keeps each call until :attr:`release` is set."""
 
     def __init__(self, max_message: int) -> None:
@@ -199,7 +199,7 @@ def test_a_call_at_the_processor_holds_one_copy_of_its_image(
     received one is let go (each 31 MiB upload in flight held two Python copies)."""
     image = sample_jpeg + bytes(8 * 1024 * 1024)  # a real header; the stand-in decodes nothing
     raw = pb.ScaleImageRequest(image=pb.Image(content=image)).SerializeToString()
-    held = _HoldingProcessor(32 * 1024 * 1024)
+    held = HoldingProcessor(32 * 1024 * 1024)
     running = start_api(dev_api_settings(f"127.0.0.1:{held.port}"))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     call = channel.unary_unary(

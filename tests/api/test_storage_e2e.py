@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -15,6 +16,8 @@ from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
 from auth import keys
 from auth.tokens import mint
+from tests.api.test_caller_gone import AccessLog, access_log  # noqa: F401  (fixture)
+from tests.api.test_forwarding import HoldingProcessor
 from tests.api.test_results import (  # noqa: F401  (fixtures)
     ServiceAccount,
     bucket,
@@ -187,3 +190,35 @@ def test_client_store_and_fetch(
     assert "url " in printed and "expires " in printed
     inline = call("keeper", ["scale:content"], pb.DELIVERY_INLINE, sample_jpeg)
     assert out.read_bytes() == inline.content
+
+
+def test_a_call_whose_caller_left_during_processing_stores_nothing(
+    tmp_path, start_api, bucket: storage.Bucket, service_account, sample_jpeg, access_log
+) -> None:
+    """The result of a cancelled call was uploaded (and signed) for nobody, and logged OK."""
+    held = HoldingProcessor(32 * 1024 * 1024)
+    try:
+        call = start(
+            tmp_path,
+            start_api,
+            SimpleNamespace(port=held.port),
+            f"gs://{bucket.name}/gone",
+            service_account,
+        )
+        token = call.token("keeper", ["scale:content", "results:store"])
+        with grpc.insecure_channel(f"127.0.0.1:{call.port}") as channel:
+            request = pb.ScaleImageRequest(
+                image=pb.Image(content=sample_jpeg), delivery=pb.DELIVERY_URL
+            )
+            future = imagescaler_pb2_grpc.ImageScalerStub(channel).ScaleImage.future(
+                request, metadata=[("authorization", f"Bearer {token}")], timeout=30
+            )
+            assert held.arrived.wait(timeout=10)  # the processor has the image
+            future.cancel()
+            held.release.set()
+            assert access_log.wait_for(1, timeout=10)
+    finally:
+        held.release.set()
+        held.server.stop(0)
+    assert access_log.codes == ["CANCELLED"]
+    assert list(bucket.list_blobs()) == []
