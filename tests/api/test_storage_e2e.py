@@ -16,7 +16,7 @@ from api.pb import imagescaler_pb2 as pb
 from api.pb import imagescaler_pb2_grpc
 from auth import keys
 from auth.tokens import mint
-from tests.api.test_caller_gone import AccessLog, access_log  # noqa: F401  (fixture)
+from tests.api.test_caller_gone import access_log  # noqa: F401  (fixture)
 from tests.api.test_forwarding import HoldingProcessor
 from tests.api.test_results import (  # noqa: F401  (fixtures)
     ServiceAccount,
