@@ -85,10 +85,10 @@ class Options:
             self.parser.add_argument(
                 f"--{flag}",
                 dest=dest,
-                type=_argparse_type(flag, convert),
+                type=_argparse_type(flag, _items(convert) if kind == "list" else convert),
                 metavar=metavar,
-                action="append" if kind == "list" else "store",
-                help=text + ("; repeatable, comma-separated in env/file" if kind == "list" else ""),
+                action="extend" if kind == "list" else "store",
+                help=text + ("; repeatable or comma-separated" if kind == "list" else ""),
             )
         self._specs.append(_Spec(flag, dest, default, convert, kind))
 
@@ -183,6 +183,11 @@ class Options:
         if unknown:
             self.fail(f"--config {path}: unknown option(s) {', '.join(unknown)}")
         return data
+
+
+def _items(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """A list option's flag value: one item or several, comma-separated as in env/file."""
+    return lambda text: [convert(item.strip()) for item in text.split(",") if item.strip()]
 
 
 def _argparse_type(flag: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:

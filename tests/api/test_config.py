@@ -39,6 +39,19 @@ def test_list_options_from_env() -> None:
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["--allow-source-port", "80,8443", "--allow-source-port", "9000"],
+        ["--allow-source-port", "80", "--allow-source-port", "8443,9000"],
+        ["--allow-source-port", "80, 8443, 9000"],
+    ],
+)
+def test_list_flags_repeat_or_take_commas(argv: list[str]) -> None:
+    """--help shows a list's default comma-separated (80,443); as a flag it was refused."""
+    assert config.load([*DEV, *argv], environ={}).allow_source_port == (80, 8443, 9000)
+
+
+@pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
         (["--target-size", "0x768"], {}, "--target-size"),
