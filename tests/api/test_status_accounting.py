@@ -67,16 +67,13 @@ class Entered(grpc.ServerInterceptor):
         return handler._replace(stream_unary=behaviour)
 
 
-ENTERED = Entered()
-
-
 @pytest.fixture
-def served() -> Iterator[tuple[grpc.Channel, CollectorRegistry, Logged]]:
-    registry, logged = CollectorRegistry(), Logged()
+def served() -> Iterator[tuple[grpc.Channel, CollectorRegistry, Logged, threading.Event]]:
+    registry, logged, entered = CollectorRegistry(), Logged(), Entered()
     interceptors = [
         AccessLogInterceptor(logged.write),  # outermost: written once metrics have counted
         MetricsInterceptor(GrpcMetrics(registry)),
-        ENTERED,
+        entered,
         LazyRequestInterceptor(("test.Svc",), 30, 300),  # the API's innermost, reads last
     ]
     server = serving.new_server(2, None, [("grpc.max_receive_message_length", LIMIT)], interceptors)
@@ -85,7 +82,7 @@ def served() -> Iterator[tuple[grpc.Channel, CollectorRegistry, Logged]]:
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield channel, registry, logged
+        yield channel, registry, logged, entered.event
     finally:
         channel.close()
         server.stop(None).wait()
@@ -109,7 +106,7 @@ def handled(registry: CollectorRegistry, code: str) -> float:
 def test_the_status_recorded_is_the_status_sent(
     served: Any, request_: bytes, code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    channel, registry, logged = served
+    channel, registry, logged, _ = served
     caplog.set_level(logging.CRITICAL)  # gRPC logs the handler's exception
     try:
         channel.unary_unary(METHOD)(request_, timeout=10)
@@ -134,8 +131,7 @@ def test_a_call_that_ends_before_its_message_is_recorded_as_what_ended_it(
     served: Any, timeout: float, cancel: bool, code: str
 ) -> None:
     """The other side of the size refusal above, which gRPC also ends without a peer."""
-    channel, registry, logged = served
-    ENTERED.event.clear()
+    channel, registry, logged, entered = served
     gate = threading.Event()
 
     def held() -> Iterator[bytes]:
@@ -144,7 +140,7 @@ def test_a_call_that_ends_before_its_message_is_recorded_as_what_ended_it(
         yield b""
 
     future = channel.stream_unary(METHOD).future(held(), timeout=timeout)
-    assert ENTERED.event.wait(10)  # the API is waiting for the message
+    assert entered.wait(10)  # the API is waiting for the message
     if cancel:
         future.cancel()
     assert logged.event.wait(10)
